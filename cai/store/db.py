@@ -1,0 +1,126 @@
+"""Engine and session factory; SQLite pragmas; schema upgrades through alembic (the only way the
+schema is made)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cai.errors import BadInput
+from cai.resources import data_dir
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise BadInput(f"--db / CAI_DATABASE_URL: {url!r} is not a database URL") from None
+    if parsed.drivername == "postgresql":
+        # psycopg 3 is what the `postgres` extra installs; the bare scheme would look for psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        engine = create_engine(parsed, future=True)
+    except NoSuchModuleError:
+        raise BadInput(f"--db: unsupported database URL scheme {parsed.drivername!r}") from None
+    except ModuleNotFoundError as exc:
+        raise BadInput(
+            f"--db: the driver for {parsed.drivername!r} is not installed ({exc.name}); "
+            "for PostgreSQL: pip install 'cai[postgres]'"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")  # concurrent CLI commands wait instead of failing
+    if _is_file_database(dbapi_connection):
+        cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _is_file_database(dbapi_connection: Any) -> bool:
+    cursor = dbapi_connection.cursor()
+    rows = cursor.execute("PRAGMA database_list").fetchall()
+    cursor.close()
+    return any(row[1] == "main" and row[2] for row in rows)
+
+
+def alembic_config(engine: Engine) -> Any:
+    """An alembic Config pointing at the shipped migrations, bound to `engine`."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(data_dir("alembic")))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision(engine: Engine) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(engine), revision)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Upgrade to head on first use (or after `pip install -U`); a no-op when already current."""
+    if current_revision(engine) == head_revision(engine):
+        return
+    if _has_foreign_tables(engine):
+        raise BadInput(
+            f"{engine.url.render_as_string()}: this database has tables but no cai schema version; "
+            "point --db at an empty database or a cai one"
+        )
+    upgrade(engine)
+
+
+def _has_foreign_tables(engine: Engine) -> bool:
+    from cai.store.models import Base
+
+    names = set(inspect(engine).get_table_names())
+    return bool(names) and "alembic_version" not in names and not names & set(Base.metadata.tables)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """One transaction: committed on success, rolled back on any error (bad input changes nothing)."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    with factory() as session, session.begin():
+        yield session
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database)
+    return None

@@ -1,0 +1,319 @@
+"""The SQLAlchemy 2 ORM for the whole loop. Rows are added, never rewritten: a new constitution
+version, a new judge or a human override is a new row. Unique constraints make every stage
+idempotent, so re-running a command resumes instead of duplicating."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names keep alembic autogenerate and batch mode on SQLite predictable.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SHA256 = String(64)
+ROUND_STATUSES = (
+    "created",
+    "generating",
+    "generated",
+    "judging",
+    "judged",
+    "exported",
+    "training",
+    "trained",
+    "evaluating",
+    "done",
+    "failed",
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Created:
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConstitutionRow(Created, Base):
+    __tablename__ = "constitutions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    sha256: Mapped[str] = mapped_column(SHA256, index=True)
+    description: Mapped[str] = mapped_column(Text)
+    body: Mapped[dict[str, Any]]
+    """The validated content as JSON: what the hash is computed over."""
+    source_text: Mapped[str] = mapped_column(Text)
+    """The YAML exactly as registered, comments included."""
+    source_path: Mapped[str | None] = mapped_column(Text)
+
+
+class PrincipleRow(Base):
+    __tablename__ = "principles"
+    __table_args__ = (
+        UniqueConstraint("constitution_id", "key"),
+        CheckConstraint("kind IN ('llm', 'rule')", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    constitution_id: Mapped[int] = mapped_column(ForeignKey("constitutions.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    """The principle's `id` in the constitution file."""
+    position: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(8))
+    critique: Mapped[str] = mapped_column(Text)
+    revision: Mapped[str | None] = mapped_column(Text)
+    weight: Mapped[float] = mapped_column(Float)
+    rule: Mapped[dict[str, Any] | None]
+
+
+class PromptRow(Created, Base):
+    __tablename__ = "prompts"
+    __table_args__ = (CheckConstraint("split IN ('train', 'eval')", name="split"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(SHA256, unique=True)
+    """Hash of the canonical chat messages: the same prompt as text or as messages is one row."""
+    messages: Mapped[list[Any]]
+    text: Mapped[str | None] = mapped_column(Text)
+    """The request when it is a single user turn, for display and search."""
+    split: Mapped[str] = mapped_column(String(8), index=True)
+    source: Mapped[str | None] = mapped_column(Text)
+
+
+class PromptTagRow(Base):
+    __tablename__ = "prompt_tags"
+
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class PolicyRow(Created, Base):
+    __tablename__ = "policies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_ref: Mapped[str] = mapped_column(Text)
+    """Registry name, local path or hub id that the model loads from."""
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"))
+    # The round that trained this policy is found through training_runs.output_policy_id; a
+    # policies -> rounds key would make a foreign-key cycle that SQLite cannot create.
+    snapshot_sha256: Mapped[str | None] = mapped_column(SHA256)
+    constitution_id: Mapped[int | None] = mapped_column(ForeignKey("constitutions.id"))
+    training_config: Mapped[dict[str, Any] | None]
+
+
+class RoundRow(Created, Base):
+    __tablename__ = "rounds"
+    __table_args__ = (
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in ROUND_STATUSES) + ")", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    constitution_id: Mapped[int] = mapped_column(ForeignKey("constitutions.id"))
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    """The policy this round samples from (p_r)."""
+    parent_round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
+    status: Mapped[str] = mapped_column(String(16), default="created")
+    config: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class ResponseRow(Created, Base):
+    __tablename__ = "responses"
+    __table_args__ = (UniqueConstraint("round_id", "prompt_id", "policy_id", "sample_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    sample_index: Mapped[int]
+    """0..N-1 for sampled responses; revisions get their own indices."""
+    origin: Mapped[str] = mapped_column(String(16), default="sample")
+    """'sample', or 'revision' when a judge rewrote another response."""
+    revised_from_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id"))
+    text: Mapped[str] = mapped_column(Text)
+    sampling: Mapped[dict[str, Any]]
+    seed: Mapped[int | None]
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class PairRow(Created, Base):
+    __tablename__ = "pairs"
+    __table_args__ = (
+        UniqueConstraint("round_id", "response_a_id", "response_b_id"),
+        CheckConstraint("response_a_id <> response_b_id", name="distinct_responses"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+
+
+class JudgeRow(Created, Base):
+    """One judge configuration. Its hash is part of every judgment's identity."""
+
+    __tablename__ = "judges"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    config_sha256: Mapped[str] = mapped_column(SHA256, unique=True)
+    backend: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(Text)
+    base_url: Mapped[str | None] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(String(16))
+    template_sha256: Mapped[str] = mapped_column(SHA256)
+    params: Mapped[dict[str, Any]]
+
+
+class JudgmentRow(Created, Base):
+    __tablename__ = "judgments"
+    __table_args__ = (
+        # One judgment per pair x order x principle x judge config: reruns skip or retry, never add.
+        UniqueConstraint("pair_id", "order", "principle_id", "judge_id"),
+        CheckConstraint("\"order\" IN ('AB', 'BA')", name="order"),
+        CheckConstraint("status IN ('pending', 'ok', 'failed')", name="status"),
+        Index("ix_judgments_judge_status", "judge_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
+    order: Mapped[str] = mapped_column(String(2))
+    """'AB': response A shown first; 'BA': the pair shown swapped."""
+    principle_id: Mapped[int] = mapped_column(ForeignKey("principles.id"))
+    judge_id: Mapped[int] = mapped_column(ForeignKey("judges.id"))
+    constitution_sha256: Mapped[str] = mapped_column(SHA256)
+    template_sha256: Mapped[str] = mapped_column(SHA256)
+    request_sha256: Mapped[str | None] = mapped_column(SHA256)
+    status: Mapped[str] = mapped_column(String(8), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    raw_output: Mapped[str | None] = mapped_column(Text)
+    verdict: Mapped[str | None] = mapped_column(String(8))
+    """Pairwise: 'A', 'B' or 'tie', in the pair's own A/B terms (already un-swapped)."""
+    score: Mapped[float | None] = mapped_column(Float)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    rationale: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+
+
+class LabelRow(Created, Base):
+    __tablename__ = "labels"
+    __table_args__ = (
+        # One aggregated judge label per pair and judge; human labels (judge_id NULL) accumulate
+        # and the newest one wins.
+        UniqueConstraint("pair_id", "judge_id"),
+        CheckConstraint("verdict IN ('A', 'B', 'tie')", name="verdict"),
+        CheckConstraint("source IN ('judge', 'human')", name="source"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
+    judge_id: Mapped[int | None] = mapped_column(ForeignKey("judges.id"))
+    source: Mapped[str] = mapped_column(String(8))
+    verdict: Mapped[str] = mapped_column(String(4))
+    chosen_response_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id"))
+    rejected_response_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id"))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    inconsistent: Mapped[bool] = mapped_column(default=False)
+    """The two orders disagreed (position bias): stored as a tie, never a silent winner."""
+
+
+class AuditRow(Created, Base):
+    __tablename__ = "audits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
+    label_id: Mapped[int | None] = mapped_column(ForeignKey("labels.id"))
+    """The human label this audit created (None for a review that agreed with the judge)."""
+    action: Mapped[str] = mapped_column(String(16))
+    author: Mapped[str] = mapped_column(String(200))
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
+class SnapshotRow(Created, Base):
+    __tablename__ = "snapshots"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(SHA256, unique=True)
+    counts: Mapped[dict[str, Any]]
+    filters: Mapped[dict[str, Any]]
+
+
+class TrainingRunRow(Created, Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("snapshots.id"))
+    reference_policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    output_policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    output_dir: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any] | None]
+    """Final metrics; per-step values are in training_steps."""
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TrainingStepRow(Base):
+    __tablename__ = "training_steps"
+
+    training_run_id: Mapped[int] = mapped_column(
+        ForeignKey("training_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(primary_key=True)
+    metrics: Mapped[dict[str, Any]]
+
+
+class EvaluationRow(Created, Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("round_id", "candidate_policy_id", "baseline_policy_id", "judge_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    candidate_policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    baseline_policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    judge_id: Mapped[int] = mapped_column(ForeignKey("judges.id"))
+    prompts: Mapped[int]
+    wins: Mapped[int]
+    ties: Mapped[int]
+    losses: Mapped[int]
+    metrics: Mapped[dict[str, Any]]
+    """Rule pass rates and mean response length for both policies."""
