@@ -1,0 +1,359 @@
+"""Constitutions: the pydantic schema, the YAML loader that reports `file:line: field: message`,
+the canonical hash, rule checks and weighted principle sampling."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cai.errors import BadInput
+
+SLUG = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos ("critque:"); refusing them is kinder than ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MaxWords(_Strict):
+    check: Literal["max_words"]
+    max: PositiveInt
+
+    def passes(self, text: str) -> bool:
+        return len(text.split()) <= self.max
+
+
+class MinWords(_Strict):
+    check: Literal["min_words"]
+    min: PositiveInt
+
+    def passes(self, text: str) -> bool:
+        return len(text.split()) >= self.min
+
+
+class _Pattern(_Strict):
+    pattern: str
+    ignore_case: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    def _search(self, text: str) -> bool:
+        flags = re.IGNORECASE if self.ignore_case else 0
+        return re.search(self.pattern, text, flags) is not None
+
+
+class MustMatch(_Pattern):
+    check: Literal["must_match"]
+
+    def passes(self, text: str) -> bool:
+        return self._search(text)
+
+
+class MustNotMatch(_Pattern):
+    check: Literal["must_not_match"]
+
+    def passes(self, text: str) -> bool:
+        return not self._search(text)
+
+
+Rule = Annotated[MaxWords | MinWords | MustMatch | MustNotMatch, Field(discriminator="check")]
+RULE_CHECKS = ("max_words", "min_words", "must_match", "must_not_match")
+
+
+class Principle(_Strict):
+    id: Annotated[str, Field(pattern=SLUG, max_length=64)]
+    kind: Literal["llm", "rule"] = "llm"
+    critique: Annotated[str, Field(min_length=1)]
+    """The critique request: what the judge looks for (for rules, a human-readable statement)."""
+    revision: str | None = None
+    """The revision request used by the `revise` mode; optional."""
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    rule: Rule | None = None
+
+    @model_validator(mode="after")
+    def _rule_matches_kind(self) -> Principle:
+        if self.kind == "rule" and self.rule is None:
+            raise ValueError("kind 'rule' needs a 'rule' mapping (check: " + "|".join(RULE_CHECKS) + ")")
+        if self.kind == "llm" and self.rule is not None:
+            raise ValueError("'rule' is only allowed with kind: rule")
+        return self
+
+
+class Constitution(_Strict):
+    name: Annotated[str, Field(pattern=SLUG, max_length=64)]
+    version: PositiveInt
+    description: Annotated[str, Field(min_length=1)]
+    principles: Annotated[list[Principle], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Constitution:
+        seen: set[str] = set()
+        for principle in self.principles:
+            if principle.id in seen:
+                raise ValueError(f"principle id {principle.id!r} is used more than once")
+            seen.add(principle.id)
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def canonical_json(self) -> str:
+        """Key-sorted JSON of the validated content: comments and formatting do not change it."""
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        """A normalised YAML rendering (used for `show` and `diff`)."""
+        return yaml.safe_dump(
+            self.model_dump(mode="json", exclude_none=True),
+            sort_keys=False,
+            allow_unicode=True,
+            width=100,
+        )
+
+    def principle(self, principle_id: str) -> Principle:
+        for principle in self.principles:
+            if principle.id == principle_id:
+                return principle
+        raise KeyError(principle_id)
+
+    def sample_principle(self, rng: random.Random, kind: str = "llm") -> Principle:
+        """Draw one principle of `kind` with probability proportional to its weight."""
+        candidates = [p for p in self.principles if p.kind == kind]
+        if not candidates:
+            raise ValueError(f"{self.ref} has no {kind!r} principles")
+        return rng.choices(candidates, weights=[p.weight for p in candidates], k=1)[0]
+
+
+@dataclass(frozen=True)
+class LoadedConstitution:
+    constitution: Constitution
+    source_text: str
+    path: Path
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`NAME@VERSION` -> (name, version); a bare `NAME` means its latest version (None)."""
+    name, sep, version = ref.partition("@")
+    if not re.match(SLUG, name):
+        raise BadInput(f"{ref!r}: expected NAME or NAME@VERSION, e.g. helpful-harmless@1")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise BadInput(f"{ref!r}: the version after '@' must be a positive integer")
+    return name, int(version)
+
+
+# --- loading with line numbers ---------------------------------------------------------------
+
+
+def read_utf8(path: Path) -> str:
+    """Read a text file, naming the line of the first byte that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadInput(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+def load_constitution(path: Path | str) -> LoadedConstitution:
+    """Load and validate one constitution file; BadInput lists every problem found."""
+    path = Path(path)
+    text = read_utf8(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = f"{mark.line + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise BadInput(f"{path}:{line} invalid YAML: {problem}") from None
+    if not isinstance(data, dict) or root is None:
+        raise BadInput(f"{path}:1: expected a mapping with name, version, description, principles")
+
+    problems = [f"{path}:{line}: {msg}" for line, msg in _duplicate_keys(root)]
+    problems += [f"{path}:{line}: {field}: {msg}" for line, field, msg in _duplicate_ids(data, root)]
+    try:
+        constitution = Constitution.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            if not loc and "used more than once" in error["msg"]:
+                continue  # already reported with its line by _duplicate_ids
+            line, field = _locate(root, data, loc)
+            problems.append(f"{path}:{line}: {field or '(top level)'}: {_message(error, data, loc)}")
+        constitution = None
+    if constitution is not None:
+        problems += [
+            f"{path}:{ln}: {fld}: {msg}" for ln, fld, msg in _path_convention(path, constitution, root)
+        ]
+    if problems or constitution is None:
+        raise BadInput(f"{path}: {len(problems)} problem(s)", problems)
+    return LoadedConstitution(constitution, text, path)
+
+
+def validate_files(paths: list[Path]) -> list[str]:
+    """Validate many files; returns every problem (empty when all are valid)."""
+    problems: list[str] = []
+    for path in paths:
+        try:
+            load_constitution(path)
+        except BadInput as exc:
+            problems += exc.problems
+    return problems
+
+
+def _message(error: dict[str, Any], data: Any, loc: tuple[Any, ...]) -> str:
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden" and loc:
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        msg = "unknown field" + (
+            f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(allowed)}"
+        )
+    elif error["type"] == "union_tag_invalid":
+        msg = f"unknown rule check {error['input'].get('check')!r}; expected one of: {', '.join(RULE_CHECKS)}"
+    return msg
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    if not parent:
+        return list(Constitution.model_fields)
+    if "rule" in parent:
+        return ["check", "max", "min", "pattern", "ignore_case"]
+    return list(Principle.model_fields)
+
+
+def _locate(root: yaml.Node, data: Any, loc: tuple[Any, ...]) -> tuple[int, str]:
+    """Map a pydantic error location to (line, dotted field) in the YAML source."""
+    node, value, parts = root, data, []
+    line = root.start_mark.line + 1
+    for part in loc:
+        if isinstance(part, int) and isinstance(node, yaml.SequenceNode) and part < len(node.value):
+            node, value = node.value[part], value[part]
+            parts.append(f"[{part}]")
+            line = node.start_mark.line + 1
+        elif isinstance(part, str) and isinstance(node, yaml.MappingNode):
+            if isinstance(value, dict) and part not in value and value.get("check") == part:
+                continue  # pydantic puts the union tag into the location; the file has no such key
+            parts.append(("." if parts else "") + part)
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break  # a missing field: report the line of the mapping that lacks it
+            key_node, node = match
+            value = value.get(part) if isinstance(value, dict) else None
+            line = key_node.start_mark.line + 1
+        else:
+            parts.append(f".{part}")
+            break
+    return line, "".join(parts)
+
+
+def _duplicate_keys(node: yaml.Node) -> list[tuple[int, str]]:
+    # PyYAML keeps the last of two equal keys silently; a constitution should never rely on that.
+    found: list[tuple[int, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                found.append((key.start_mark.line + 1, f"{key.value}: duplicate key"))
+            seen.add(key.value)
+            found += _duplicate_keys(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found += _duplicate_keys(item)
+    return found
+
+
+def _duplicate_ids(data: dict[str, Any], root: yaml.Node) -> list[tuple[int, str, str]]:
+    principles = data.get("principles")
+    if not isinstance(principles, list):
+        return []
+    first_seen: dict[str, int] = {}
+    found = []
+    for index, item in enumerate(principles):
+        pid = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(pid, str):
+            continue
+        if pid in first_seen:
+            line, field = _locate(root, data, ("principles", index, "id"))
+            first_line, _ = _locate(root, data, ("principles", first_seen[pid], "id"))
+            found.append((line, field, f"duplicate principle id {pid!r} (first used on line {first_line})"))
+        else:
+            first_seen[pid] = index
+    return found
+
+
+def _path_convention(path: Path, constitution: Constitution, root: yaml.Node) -> list[tuple[int, str, str]]:
+    """Files named `<name>/v<N>.yaml` must agree with their content, or `register` lies."""
+    match = re.fullmatch(r"v(\d+)\.ya?ml", path.name)
+    if not match:
+        return []
+    found = []
+    data = {"name": constitution.name, "version": constitution.version}
+    if int(match.group(1)) != constitution.version:
+        line, _ = _locate(root, data, ("version",))
+        found.append((line, "version", f"is {constitution.version} but the file is named {path.name}"))
+    if path.parent.name != constitution.name:
+        line, _ = _locate(root, data, ("name",))
+        found.append((line, "name", f"is {constitution.name!r} but the file lives in {path.parent.name}/"))
+    return found
+
+
+def diff_text(old: Constitution, new: Constitution) -> str:
+    """A unified diff of the normalised YAML of two constitutions."""
+    return "".join(
+        difflib.unified_diff(
+            old.to_yaml().splitlines(keepends=True),
+            new.to_yaml().splitlines(keepends=True),
+            fromfile=old.ref,
+            tofile=new.ref,
+        )
+    )
+
+
+def diff_summary(old: Constitution, new: Constitution) -> dict[str, list[str]]:
+    """Principle ids added, removed and changed between two constitutions."""
+    old_ids = {p.id: p for p in old.principles}
+    new_ids = {p.id: p for p in new.principles}
+    return {
+        "added": [pid for pid in new_ids if pid not in old_ids],
+        "removed": [pid for pid in old_ids if pid not in new_ids],
+        "changed": [pid for pid in new_ids if pid in old_ids and new_ids[pid] != old_ids[pid]],
+    }
