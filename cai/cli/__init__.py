@@ -1,0 +1,40 @@
+"""`cai` command line: one sub-app per stage, each command a thin call into that stage."""
+
+from __future__ import annotations
+
+import typer
+
+from cai.cli import constitution, db, prompts, rounds, templates
+from cai.cli.app import new_app
+
+app = new_app(
+    "Turn a written constitution into preference data and an aligned model (RLAIF with DPO).\n\n"
+    "Typical start: [bold]cai constitution register[/bold] FILE, [bold]cai prompts import[/bold] FILE, "
+    "[bold]cai round start[/bold] --constitution NAME@VERSION."
+)
+app.add_typer(db.app, name="db")
+app.add_typer(constitution.app, name="constitution")
+app.add_typer(prompts.app, name="prompts")
+app.add_typer(rounds.app, name="round")
+app.add_typer(templates.app, name="templates")
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    db_url: str = typer.Option(
+        None,
+        "--db",
+        envvar="CAI_DATABASE_URL",
+        metavar="URL",
+        help="Database URL (default sqlite:///cai.db). PostgreSQL: postgresql+psycopg://user@host/db",
+        show_default=False,
+    ),
+) -> None:
+    from cai.config import load_settings
+
+    ctx.obj = load_settings(database_url=db_url)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,117 @@
+"""`cai round`: start a labeling round and see where it stands."""
+
+from __future__ import annotations
+
+import typer
+
+from cai.cli.app import JSON_OPTION, err, new_app, out, print_json, transaction
+from cai.registry import EMBEDDED_MODEL
+
+app = new_app("Start labeling rounds and show their status and counts.")
+
+
+@app.command()
+def start(
+    ctx: typer.Context,
+    constitution: str = typer.Option(
+        ...,
+        "--constitution",
+        "-c",
+        metavar="NAME@VERSION",
+        help="A registered constitution.",
+        show_default=False,
+    ),
+    policy: str = typer.Option(
+        EMBEDDED_MODEL,
+        "--policy",
+        help="Policy to sample from: the embedded model, a local directory or a hub id.",
+    ),
+    tag: str = typer.Option(None, "--tag", help="Use only train prompts with this tag."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling and principle draws."),
+) -> None:
+    """Create a round over the train prompts. Prints the new round id on stdout (details on stderr),
+    so `ROUND=$(cai round start -c NAME@1)` works in scripts."""
+    from cai.constitution import parse_ref
+    from cai.errors import BadInput
+    from cai.registry import resolve_model
+    from cai.store import repo
+
+    name, version = parse_ref(constitution)
+    model = resolve_model(policy)
+    with transaction(ctx) as session:
+        stored = repo.get_constitution(session, name, version)
+        prompts = repo.count_prompts(session, "train", tag)
+        if prompts == 0:
+            which = f"train prompts tagged {tag!r}" if tag else "train prompts"
+            raise BadInput(f"no {which} in the store; import some first: cai prompts import FILE")
+        policy_record = repo.ensure_policy(session, model.name, model.location)
+        config = {"split": "train", "tag": tag, "seed": seed, "policy_kind": model.kind}
+        round_ = repo.create_round(session, stored.record, policy_record, config)
+    err.print(
+        f"round {round_.id} started: {round_.constitution}, policy {round_.policy}, {prompts} train prompts",
+        highlight=False,
+    )
+    out.print(round_.id)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    round_id: int = typer.Argument(..., metavar="ID", show_default=False),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Status and counts: prompts, responses, pairs, judgments, labels, ties, failed."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from cai.store import repo
+
+    with transaction(ctx) as session:
+        round_ = repo.get_round(session, round_id)
+        counts = repo.round_counts(session, round_id)
+    if as_json:
+        print_json({**asdict(round_), "counts": asdict(counts)})
+        return
+    out.print(
+        f"[bold]round {round_.id}[/bold]  status [cyan]{round_.status}[/cyan]  "
+        f"constitution {round_.constitution}  policy {round_.policy}",
+        highlight=False,
+    )
+    table = Table("prompts", "responses", "pairs", "judgments", "failed", "labels", "ties", "inconsistent")
+    table.add_row(
+        *map(
+            str,
+            (
+                counts.prompts,
+                counts.responses,
+                counts.pairs,
+                counts.judgments,
+                counts.judgments_failed,
+                counts.labels,
+                counts.ties,
+                counts.inconsistent,
+            ),
+        )
+    )
+    out.print(table)
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """All rounds, newest last."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from cai.store import repo
+
+    with transaction(ctx) as session:
+        rounds = repo.list_rounds(session)
+    if as_json:
+        print_json([asdict(r) for r in rounds])
+        return
+    table = Table("id", "status", "constitution", "policy", "created")
+    for r in rounds:
+        table.add_row(str(r.id), r.status, r.constitution, r.policy, f"{r.created_at:%Y-%m-%d %H:%M}")
+    out.print(table)
