@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from alembic import context
+
 from cai.store.db import make_engine
 from cai.store.models import Base
 

@@ -108,8 +108,11 @@ def _read_csv(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     _require_columns(path, reader.fieldnames or [])
     rows = []
-    for record in reader:
-        # reader.line_num is the physical line the record ended on (quoted fields may span lines).
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: name the record's first line
+        record = next(reader, None)
+        if record is None:
+            break
         row: dict[str, Any] = {k: v for k, v in record.items() if k is not None and v not in (None, "")}
         if "messages" in row:
             # A cell that is not JSON stays a string, which _parse_messages reports with its row.
@@ -117,7 +120,7 @@ def _read_csv(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
                 row["messages"] = json.loads(row["messages"])
         if "tags" in row:
             row["tags"] = [t.strip() for t in row["tags"].split(",") if t.strip()]
-        rows.append((f"{path}:{reader.line_num}", row))
+        rows.append((f"{path}:{start}", row))
     return rows
 
 

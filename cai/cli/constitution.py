@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,7 +96,7 @@ def show(
         return
     record = stored.record
     err.print(f"# {record.ref}  sha256 {record.sha256}  from {record.source_path}", style="dim")
-    out.print(stored.source_text, markup=False, highlight=False, end="")
+    sys.stdout.write(stored.source_text)  # verbatim: rich would re-wrap long lines
 
 
 @app.command()

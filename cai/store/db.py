@@ -3,9 +3,9 @@ schema is made)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -60,9 +60,11 @@ def alembic_config(engine: Engine) -> Any:
     """An alembic Config pointing at the shipped migrations, bound to `engine`."""
     from alembic.config import Config
 
-    config = Config()
+    # Config's default stdout is whatever sys.stdout was when alembic was first imported.
+    config = Config(stdout=sys.stdout)
     config.set_main_option("script_location", str(data_dir("alembic")))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # The engine travels as an attribute, not as `sqlalchemy.url`: configparser would choke on
+    # the `%` of URL-encoded options, and a URL would lose the SQLite pragmas set up here.
     config.attributes["engine"] = engine
     return config
 
@@ -117,10 +119,3 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     factory = sessionmaker(engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
-
-
-def sqlite_path(url: str) -> Path | None:
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return Path(parsed.database)
-    return None

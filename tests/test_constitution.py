@@ -1,0 +1,246 @@
+"""Constitution files: every shipped file is valid, and every kind of bad input is named with
+its file, line and field."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cai.constitution import Constitution, load_constitution, parse_ref, validate_files
+from cai.errors import BadInput
+from tests.conftest import REPO
+
+SHIPPED = sorted((REPO / "constitutions").glob("*/v*.yaml"))
+
+VALID = """\
+name: tiny
+version: 1
+description: A tiny constitution.
+principles:
+  - id: honest
+    critique: Is anything false?
+    revision: Make it true.
+  - id: short
+    kind: rule
+    critique: Under 50 words.
+    rule:
+      check: max_words
+      max: 50
+"""
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "tiny.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(BadInput) as caught:
+        load_constitution(path)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_every_shipped_constitution_is_valid(path: Path) -> None:
+    constitution = load_constitution(path).constitution
+    assert path.parent.name == constitution.name
+    assert path.name == f"v{constitution.version}.yaml"
+    for principle in constitution.principles:
+        assert principle.critique.strip()
+
+
+def test_the_main_constitution_is_a_full_one() -> None:
+    constitution = load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
+    assert 12 <= len(constitution.principles) <= 16
+    assert all(p.kind == "llm" and p.revision for p in constitution.principles)
+
+
+def test_a_shipped_constitution_uses_every_rule_check() -> None:
+    checks = {
+        p.rule.check
+        for path in SHIPPED
+        for p in load_constitution(path).constitution.principles
+        if p.rule is not None
+    }
+    assert checks >= {"max_words", "min_words", "must_not_match"}
+
+
+def test_hash_ignores_comments_and_formatting_but_not_content(tmp_path: Path) -> None:
+    base = load_constitution(write(tmp_path, VALID)).constitution.sha256()
+    reformatted = "# a comment\n" + VALID.replace(
+        "critique: Is anything false?", "critique:   'Is anything false?'"
+    )
+    assert load_constitution(write(tmp_path, reformatted, "b.yaml")).constitution.sha256() == base
+    changed = VALID.replace("Is anything false?", "Is anything untrue?")
+    assert load_constitution(write(tmp_path, changed, "c.yaml")).constitution.sha256() != base
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("  - id: short\n", "  - id: short\n   bad: [unclosed\n"))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:9: invalid YAML: ")  # line 9 is the mis-indented one
+
+
+def test_missing_field_names_the_line_of_the_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("    critique: Is anything false?\n", ""))
+    assert problems_of(path) == [f"{path}:5: principles[0].critique: Field required"]
+
+
+def test_mistyped_field_suggests_the_right_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, VALID.replace("    critique: Is anything false?", "    critque: Is anything false?")
+    )
+    problems = problems_of(path)
+    assert f"{path}:6: principles[0].critque: unknown field (did you mean 'critique'?)" in problems
+    assert f"{path}:5: principles[0].critique: Field required" in problems
+
+
+def test_wrong_type_names_field_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("version: 1", "version: one"))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:2: version: ")
+    assert "integer" in problem
+
+
+def test_duplicate_principle_ids_point_at_both(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("id: short", "id: honest"))
+    assert problems_of(path) == [
+        f"{path}:8: principles[1].id: duplicate principle id 'honest' (first used on line 5)"
+    ]
+
+
+def test_unknown_rule_check(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("check: max_words", "check: max_sentences"))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:11: principles[1].rule: unknown rule check 'max_sentences'")
+    assert "max_words" in problem
+
+
+def test_rule_principle_without_rule_and_bad_regex(tmp_path: Path) -> None:
+    text = VALID + (
+        "  - id: needs-rule\n    kind: rule\n    critique: x\n"
+        "  - id: bad-regex\n    kind: rule\n    critique: y\n    rule: {check: must_match, pattern: '(unclosed'}\n"
+    )
+    problems = problems_of(write(tmp_path, text))
+    assert any(":14: principles[2]: kind 'rule' needs a 'rule' mapping" in p for p in problems), problems
+    assert any(":20: principles[3].rule.pattern: not a valid regular expression" in p for p in problems), (
+        problems
+    )
+
+
+def test_unknown_principle_kind(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("kind: rule", "kind: regex"))
+    assert any(f"{path}:9: principles[1].kind:" in p for p in problems_of(path))
+
+
+def test_empty_principle_list(tmp_path: Path) -> None:
+    text = VALID.split("principles:")[0] + "principles: []\n"
+    path = write(tmp_path, text)
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:4: principles: List should have at least 1 item")
+
+
+def test_duplicate_yaml_keys_are_not_silently_merged(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("version: 1\n", "version: 1\nversion: 2\n"))
+    assert f"{path}:3: version: duplicate key" in problems_of(path)
+
+
+def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.encode().replace(b"A tiny", b"A t\xefny"))
+    assert problems_of(path) == [f"{path}:3: not valid UTF-8 (byte 0xef at offset 38)"]
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, "- just\n- a list\n")
+    assert "expected a mapping" in problems_of(path)[0]
+
+
+def test_file_name_must_agree_with_content(tmp_path: Path) -> None:
+    (tmp_path / "tiny").mkdir()
+    path = write(tmp_path, VALID, "tiny/v2.yaml")
+    assert problems_of(path) == [f"{path}:2: version: is 1 but the file is named v2.yaml"]
+    other = tmp_path / "other"
+    other.mkdir()
+    path = write(tmp_path, VALID, "other/v1.yaml")
+    assert problems_of(path) == [f"{path}:1: name: is 'tiny' but the file lives in other/"]
+
+
+def test_validate_files_reports_every_file(tmp_path: Path) -> None:
+    good = write(tmp_path, VALID, "good.yaml")
+    bad1 = write(tmp_path, VALID.replace("version: 1", "version: 0"), "bad1.yaml")
+    bad2 = write(tmp_path, VALID.replace("name: tiny", "name: Not A Slug"), "bad2.yaml")
+    problems = validate_files([good, bad1, bad2])
+    assert [p.split(":")[0] for p in problems] == [str(bad1), str(bad2)]
+
+
+def test_rules_check_text() -> None:
+    c = Constitution.model_validate(
+        {
+            "name": "r",
+            "version": 1,
+            "description": "d",
+            "principles": [
+                {"id": "max", "kind": "rule", "critique": "c", "rule": {"check": "max_words", "max": 3}},
+                {"id": "min", "kind": "rule", "critique": "c", "rule": {"check": "min_words", "min": 2}},
+                {
+                    "id": "must",
+                    "kind": "rule",
+                    "critique": "c",
+                    "rule": {"check": "must_match", "pattern": "^sure", "ignore_case": True},
+                },
+                {
+                    "id": "not",
+                    "kind": "rule",
+                    "critique": "c",
+                    "rule": {"check": "must_not_match", "pattern": "!"},
+                },
+            ],
+        }
+    )
+    results = {p.id: p.rule.passes("Sure, here it is") for p in c.principles if p.rule}
+    assert results == {"max": False, "min": True, "must": True, "not": True}
+    results = {p.id: p.rule.passes("no!") for p in c.principles if p.rule}
+    assert results == {"max": True, "min": False, "must": False, "not": False}
+
+
+def test_principles_are_sampled_by_weight() -> None:
+    c = Constitution.model_validate(
+        {
+            "name": "w",
+            "version": 1,
+            "description": "d",
+            "principles": [
+                {"id": "heavy", "critique": "c", "weight": 3},
+                {"id": "light", "critique": "c", "weight": 1},
+                {"id": "rule", "kind": "rule", "critique": "c", "rule": {"check": "max_words", "max": 1}},
+            ],
+        }
+    )
+    rng = random.Random(0)
+    counts = Counter(c.sample_principle(rng).id for _ in range(4000))
+    assert set(counts) == {"heavy", "light"}  # rules are checked in code, never sampled for the judge
+    assert 2.6 < counts["heavy"] / counts["light"] < 3.4
+    assert [c.sample_principle(random.Random(7)).id for _ in range(3)] == [
+        c.sample_principle(random.Random(7)).id
+    ] * 3
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [("hh", ("hh", None)), ("hh@3", ("hh", 3)), ("helpful-harmless@12", ("helpful-harmless", 12))],
+)
+def test_parse_ref(ref: str, expected: tuple[str, int | None]) -> None:
+    assert parse_ref(ref) == expected
+
+
+@pytest.mark.parametrize("ref", ["hh@", "hh@0", "hh@x", "Bad Name", "@1"])
+def test_parse_ref_rejects(ref: str) -> None:
+    with pytest.raises(BadInput):
+        parse_ref(ref)
