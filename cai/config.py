@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,6 @@ class Settings(BaseSettings):
         return self.judge_api_key or os.environ.get("OPENAI_API_KEY")
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Environment first, then any non-None CLI override."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

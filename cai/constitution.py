@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from cai.errors import BadInput
 
@@ -201,9 +202,9 @@ def load_constitution(path: Path | str) -> LoadedConstitution:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = f"{mark.line + 1}:" if mark else ""
+        where = f"{mark.line + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise BadInput(f"{path}:{line} invalid YAML: {problem}") from None
+        raise BadInput(f"{path}:{where} invalid YAML: {problem}") from None
     if not isinstance(data, dict) or root is None:
         raise BadInput(f"{path}:1: expected a mapping with name, version, description, principles")
 
@@ -217,7 +218,7 @@ def load_constitution(path: Path | str) -> LoadedConstitution:
             if not loc and "used more than once" in error["msg"]:
                 continue  # already reported with its line by _duplicate_ids
             line, field = _locate(root, data, loc)
-            problems.append(f"{path}:{line}: {field or '(top level)'}: {_message(error, data, loc)}")
+            problems.append(f"{path}:{line}: {field or '(top level)'}: {_message(error, loc)}")
         constitution = None
     if constitution is not None:
         problems += [
@@ -239,7 +240,7 @@ def validate_files(paths: list[Path]) -> list[str]:
     return problems
 
 
-def _message(error: dict[str, Any], data: Any, loc: tuple[Any, ...]) -> str:
+def _message(error: ErrorDetails, loc: tuple[Any, ...]) -> str:
     msg = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden" and loc:
         allowed = _allowed_keys(loc[:-1])

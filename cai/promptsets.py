@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
-def _require_columns(path: Path, columns: list[str]) -> None:
+def _require_columns(path: Path, columns: Sequence[str]) -> None:
     if "prompt" not in columns and "messages" not in columns:
         found = ", ".join(columns) or "none"
         raise BadInput(f"{path}: needs a 'prompt' or a 'messages' column (found: {found})")
