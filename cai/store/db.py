@@ -37,16 +37,26 @@ def make_engine(url: str) -> Engine:
         ) from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Take over transaction control from the sqlite3 module (see _sqlite_begin_immediate).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")  # concurrent CLI commands wait instead of failing
     if _is_file_database(dbapi_connection):
         cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY if another
+    # process wrote in between (WAL cannot upgrade a stale snapshot). Taking the write lock up
+    # front makes concurrent cai processes queue on busy_timeout instead of failing.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _is_file_database(dbapi_connection: Any) -> bool:

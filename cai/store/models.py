@@ -217,7 +217,13 @@ class JudgmentRow(Created, Base):
     template_sha256: Mapped[str] = mapped_column(SHA256)
     request_sha256: Mapped[str | None] = mapped_column(SHA256)
     status: Mapped[str] = mapped_column(String(8), default="pending")
+    error_kind: Mapped[str | None] = mapped_column(String(16))
+    """For failures: 'transient' (retried on the next run), 'parse' or 'permanent'."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    """Worker holding this item ('host:pid:nonce'); a lease, not a lock, so a killed worker's
+    items come back when claimed_until passes (or at once, on the same host)."""
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     raw_output: Mapped[str | None] = mapped_column(Text)
     verdict: Mapped[str | None] = mapped_column(String(8))
     """Pairwise: 'A', 'B' or 'tie', in the pair's own A/B terms (already un-swapped)."""
@@ -317,3 +323,21 @@ class EvaluationRow(Created, Base):
     losses: Mapped[int]
     metrics: Mapped[dict[str, Any]]
     """Rule pass rates and mean response length for both policies."""
+
+
+class CalibrationRow(Created, Base):
+    """A judge measured against a gold set under one constitution version."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    judge_id: Mapped[int] = mapped_column(ForeignKey("judges.id"), index=True)
+    constitution_id: Mapped[int] = mapped_column(ForeignKey("constitutions.id"))
+    gold_sha256: Mapped[str] = mapped_column(SHA256)
+    pairs: Mapped[int]
+    accuracy: Mapped[float] = mapped_column(Float)
+    """Share of gold pairs where both orders agree on the better response."""
+    consistency: Mapped[float] = mapped_column(Float)
+    """Share of gold pairs where the two orders gave the same verdict."""
+    injection_follow_rate: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any]]

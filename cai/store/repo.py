@@ -274,6 +274,13 @@ def ensure_policy(session: Session, name: str, model_ref: str) -> PolicyRecord:
     return PolicyRecord(row.id, row.name, row.model_ref, row.parent_id)
 
 
+def get_policy(session: Session, name: str) -> PolicyRecord:
+    row = session.scalar(select(PolicyRow).where(PolicyRow.name == name))
+    if row is None:
+        raise NotFound(f"policy {name!r} not found")
+    return PolicyRecord(row.id, row.name, row.model_ref, row.parent_id)
+
+
 @dataclass(frozen=True)
 class RoundCounts:
     prompts: int

@@ -1,0 +1,157 @@
+"""Judge requests and verdicts, as pure functions: render a request for one pair in one order,
+parse the judge's reply leniently, un-swap it, and aggregate both orders into a label."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cai.backends.base import ChatRequest
+from cai.constitution import Constitution, Principle
+from cai.templates import Rendered, TemplateSet, pairwise_context
+
+ORDERS = ("AB", "BA")
+VERDICTS = ("A", "B", "tie")
+
+PAIRWISE_SCHEMA: dict[str, Any] = {
+    "name": "pairwise_verdict",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {
+            "rationale": {"type": "string"},
+            "preferred": {"type": "string", "enum": list(VERDICTS)},
+        },
+        "required": ["rationale", "preferred"],
+        "additionalProperties": False,
+    },
+}
+
+
+class ParseError(ValueError):
+    """The judge's reply is not a verdict; the message says why (stored with the raw text)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str
+    """'A', 'B' or 'tie' in the pair's own terms (already un-swapped)."""
+    rationale: str
+    confidence: float | None = None
+    """Probability the judge gave its choice, when the backend can read it."""
+
+
+@dataclass(frozen=True)
+class PairLabel:
+    verdict: str
+    confidence: float | None
+    inconsistent: bool
+    """The two orders picked opposite winners: position bias, stored as a tie."""
+
+
+def pairwise_request(
+    templates: TemplateSet,
+    constitution: Constitution,
+    principle: Principle,
+    conversation: list[dict[str, str]],
+    response_a: str,
+    response_b: str,
+    order: str,
+    max_tokens: int = 384,
+) -> tuple[Rendered, ChatRequest]:
+    """The rendered prompt and the chat request for one order; 'BA' shows B first, as "A"."""
+    first, second = (response_a, response_b) if order == "AB" else (response_b, response_a)
+    context = pairwise_context(constitution, principle, conversation, first, second)
+    rendered = templates.render("judge_pairwise", **context)
+    request = ChatRequest(
+        messages=[{"role": "user", "content": rendered.text}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        json_schema=PAIRWISE_SCHEMA,
+        choice_field="preferred",
+        choices=VERDICTS,
+    )
+    return rendered, request
+
+
+def extract_json(text: str) -> dict[str, Any]:
+    """The first JSON object in `text`: whole, inside a code fence, or embedded in prose."""
+    stripped = text.strip()
+    candidates = [stripped]
+    candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
+    candidates += _balanced_objects(text)
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            return value
+    if not stripped:
+        raise ParseError("empty reply")
+    raise ParseError("no JSON object in the reply" + (" (truncated?)" if "{" in text else ""))
+
+
+def _balanced_objects(text: str) -> list[str]:
+    objects, depth, start, in_string, escaped = [], 0, -1, False, False
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"' and depth > 0:
+            in_string = True
+        elif char == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif char == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                objects.append(text[start : i + 1])
+    return objects
+
+
+def parse_pairwise(text: str, order: str, choice_probs: dict[str, float] | None = None) -> Verdict:
+    """A verdict in the pair's own terms; ParseError for anything outside the schema."""
+    data = extract_json(text)
+    preferred = data.get("preferred")
+    if not isinstance(preferred, str):
+        raise ParseError("'preferred' is missing or not a string")
+    normalised = {"a": "A", "b": "B", "tie": "tie"}.get(preferred.strip().lower())
+    if normalised is None:
+        raise ParseError(f"'preferred' is {preferred!r}; expected 'A', 'B' or 'tie'")
+    rationale = data.get("rationale", "")
+    if not isinstance(rationale, str):
+        raise ParseError("'rationale' is not a string")
+    confidence = choice_probs.get(normalised) if choice_probs else None
+    return Verdict(unswap(normalised, order), rationale.strip(), confidence)
+
+
+def unswap(verdict: str, order: str) -> str:
+    """Map a verdict about the shown order back to the pair's A/B."""
+    if order == "AB" or verdict == "tie":
+        return verdict
+    return "B" if verdict == "A" else "A"
+
+
+def aggregate_pairwise(first: Verdict, second: Verdict) -> PairLabel:
+    """Combine the two orders: agreement gives a winner, opposite winners give an inconsistent
+    tie (position bias is never turned into a silent winner), a tie on either side is a tie."""
+    if first.verdict == second.verdict:
+        if first.verdict == "tie":
+            return PairLabel("tie", _mean(first.confidence, second.confidence), False)
+        return PairLabel(first.verdict, _mean(first.confidence, second.confidence) or 1.0, False)
+    if "tie" in (first.verdict, second.verdict):
+        return PairLabel("tie", None, False)
+    return PairLabel("tie", None, True)
+
+
+def _mean(a: float | None, b: float | None) -> float | None:
+    values = [v for v in (a, b) if v is not None]
+    return sum(values) / len(values) if values else None

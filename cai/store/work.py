@@ -1,0 +1,576 @@
+"""Queries for a round's work: responses and pairs for generation; planning, claiming, recording
+and aggregating judgments. Claims are leases taken with one UPDATE ... WHERE id IN (SELECT ...
+FOR UPDATE SKIP LOCKED), so concurrent workers never take the same item."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased
+
+from cai.constitution import Constitution
+from cai.judge import ORDERS, PairLabel, Verdict, aggregate_pairwise
+from cai.rules import RuleCheck, check_rules, combine
+from cai.store.models import (
+    CalibrationRow,
+    JudgeRow,
+    JudgmentRow,
+    LabelRow,
+    PairRow,
+    PrincipleRow,
+    PromptRow,
+    PromptTagRow,
+    ResponseRow,
+    RoundRow,
+    utcnow,
+)
+
+# --- generation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptWork:
+    id: int
+    messages: list[dict[str, str]]
+
+
+def round_prompts(session: Session, round_id: int, limit: int | None = None) -> list[PromptWork]:
+    """The prompts a round samples from, in a stable order."""
+    config = session.get_one(RoundRow, round_id).config
+    query = select(PromptRow.id, PromptRow.messages).where(PromptRow.split == config.get("split", "train"))
+    if config.get("tag"):
+        query = query.where(
+            PromptRow.id.in_(select(PromptTagRow.prompt_id).where(PromptTagRow.tag == config["tag"]))
+        )
+    query = query.order_by(PromptRow.id).limit(limit)
+    return [PromptWork(pid, messages) for pid, messages in session.execute(query)]
+
+
+def round_policy_and_seed(session: Session, round_id: int) -> tuple[int, int]:
+    row = session.get_one(RoundRow, round_id)
+    return row.policy_id, int(row.config.get("seed", 0))
+
+
+def stored_samples(session: Session, round_id: int, policy_id: int) -> dict[tuple[int, int], tuple[int, str]]:
+    """(prompt id, sample index) -> (response id, text) for what is already generated."""
+    rows = session.execute(
+        select(ResponseRow.prompt_id, ResponseRow.sample_index, ResponseRow.id, ResponseRow.text).where(
+            ResponseRow.round_id == round_id,
+            ResponseRow.policy_id == policy_id,
+            ResponseRow.origin == "sample",
+        )
+    )
+    return {(prompt_id, index): (rid, text) for prompt_id, index, rid, text in rows}
+
+
+def add_response(session: Session, **values: Any) -> None:
+    session.add(ResponseRow(origin="sample", **values))
+
+
+def add_pairs(session: Session, round_id: int, prompt_id: int, pairs: list[tuple[int, int]]) -> int:
+    """Insert the pairs not yet stored; returns how many were new."""
+    existing = set(
+        session.execute(
+            select(PairRow.response_a_id, PairRow.response_b_id).where(
+                PairRow.round_id == round_id, PairRow.prompt_id == prompt_id
+            )
+        ).all()
+    )
+    new = [p for p in pairs if p not in existing]
+    for a, b in new:
+        session.add(PairRow(round_id=round_id, prompt_id=prompt_id, response_a_id=a, response_b_id=b))
+    return len(new)
+
+
+def set_round_status(session: Session, round_id: int, status: str) -> None:
+    session.execute(
+        update(RoundRow).where(RoundRow.id == round_id).values(status=status, updated_at=utcnow())
+    )
+
+
+def lock_round(session: Session, round_id: int) -> None:
+    """Serialise setup work on one round (planning, judge registration) between concurrent workers.
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: every write transaction already
+    holds the database's write lock (BEGIN IMMEDIATE)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:namespace, :round_id)"),
+            {"namespace": 0xCA1, "round_id": round_id},
+        )
+
+
+# --- judges ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    backend: str
+    model: str
+    mode: str
+    template_sha256: str
+    params: dict[str, Any]
+    base_url: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        # base_url is not identity: the same model behind another address is the same judge.
+        identity = [self.backend, self.model, self.mode, self.template_sha256, self.params]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+RULES_JUDGE = JudgeConfig("rule", "rules", "rule", "0" * 64, {})
+
+
+def ensure_judge(session: Session, config: JudgeConfig) -> int:
+    row = session.scalar(select(JudgeRow).where(JudgeRow.config_sha256 == config.sha256))
+    if row is None:
+        row = JudgeRow(
+            config_sha256=config.sha256,
+            backend=config.backend,
+            model=config.model,
+            base_url=config.base_url,
+            mode=config.mode,
+            template_sha256=config.template_sha256,
+            params=config.params,
+        )
+        session.add(row)
+        session.flush()
+    return row.id
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def principle_ids(session: Session, constitution_id: int) -> dict[str, int]:
+    rows = session.execute(
+        select(PrincipleRow.key, PrincipleRow.id).where(PrincipleRow.constitution_id == constitution_id)
+    )
+    return dict(rows.all())
+
+
+def sampled_principle(constitution: Constitution, seed: int, pair_id: int) -> str:
+    """The principle a pair is judged under: weighted, and the same on every run and worker."""
+    rng = random.Random(f"{seed}:{pair_id}")
+    return constitution.sample_principle(rng).id
+
+
+def plan_judgments(
+    session: Session,
+    round_id: int,
+    judge_id: int,
+    rules_judge_id: int,
+    constitution: Constitution,
+    constitution_id: int,
+    constitution_sha256: str,
+    template_sha256: str,
+    seed: int,
+) -> int:
+    """Create the pending judgments (both orders) for pairs that have none for this judge, and
+    record rule checks at once. Idempotent: returns the number of new LLM judgments."""
+    principles = principle_ids(session, constitution_id)
+    rule_ids = [principles[p.id] for p in constitution.principles if p.kind == "rule"]
+    has_llm = len(rule_ids) < len(constitution.principles)
+    with_llm = select(JudgmentRow.pair_id).where(JudgmentRow.judge_id == judge_id)
+    with_rules = select(JudgmentRow.pair_id).where(
+        JudgmentRow.judge_id == rules_judge_id, JudgmentRow.principle_id.in_(rule_ids)
+    )
+    a, b = aliased(ResponseRow), aliased(ResponseRow)
+    todo = session.execute(
+        select(PairRow.id, a.text, b.text, PairRow.id.in_(with_llm), PairRow.id.in_(with_rules))
+        .join(a, a.id == PairRow.response_a_id)
+        .join(b, b.id == PairRow.response_b_id)
+        .where(PairRow.round_id == round_id)
+        .order_by(PairRow.id)
+    ).all()
+    created = 0
+    for pair_id, text_a, text_b, llm_planned, rules_checked in todo:
+        if rule_ids and not rules_checked:
+            for check in check_rules(constitution, text_a, text_b):
+                session.add(
+                    JudgmentRow(
+                        pair_id=pair_id,
+                        constitution_sha256=constitution_sha256,
+                        order="AB",
+                        principle_id=principles[check.principle_id],
+                        judge_id=rules_judge_id,
+                        template_sha256=RULES_JUDGE.template_sha256,
+                        status="ok",
+                        attempts=1,
+                        verdict=check.verdict,
+                        confidence=1.0,
+                        rationale=check.rationale,
+                        raw_output=json.dumps({"a_passes": check.a_passes, "b_passes": check.b_passes}),
+                    )
+                )
+        if not has_llm or llm_planned:
+            continue
+        principle = principles[sampled_principle(constitution, seed, pair_id)]
+        for order in ORDERS:
+            session.add(
+                JudgmentRow(
+                    pair_id=pair_id,
+                    constitution_sha256=constitution_sha256,
+                    order=order,
+                    principle_id=principle,
+                    judge_id=judge_id,
+                    template_sha256=template_sha256,
+                    status="pending",
+                )
+            )
+            created += 1
+    session.flush()
+    return created
+
+
+def reset_failures(session: Session, round_id: int, judge_id: int, every_failure: bool) -> int:
+    """Put failed items back in the queue: transient ones always, parse/permanent ones on request."""
+    kinds = None if every_failure else ["transient"]
+    query = update(JudgmentRow).where(
+        JudgmentRow.judge_id == judge_id,
+        JudgmentRow.status == "failed",
+        JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+    )
+    if kinds is not None:
+        query = query.where(JudgmentRow.error_kind.in_(kinds))
+    result = session.execute(
+        query.values(status="pending", error_kind=None, claimed_by=None, claimed_until=None),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]
+
+
+# --- claiming ----------------------------------------------------------------------------------
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**6):06x}"
+
+
+def release_dead_local_claims(session: Session) -> int:
+    """Free items held by workers on this host whose process is gone (killed, crashed), so a
+    rerun does not wait for their leases to run out."""
+    host = socket.gethostname()
+    holders = session.scalars(
+        select(JudgmentRow.claimed_by)
+        .where(JudgmentRow.status == "pending", JudgmentRow.claimed_by.like(f"{host}:%"))
+        .distinct()
+    ).all()
+    dead = [h for h in holders if h and not _alive(int(h.split(":")[1]))]
+    if not dead:
+        return 0
+    result = session.execute(
+        update(JudgmentRow)
+        .where(JudgmentRow.claimed_by.in_(dead), JudgmentRow.status == "pending")
+        .values(claimed_by=None, claimed_until=None),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    judgment_id: int
+    pair_id: int
+    order: str
+    principle_key: str
+    conversation: list[dict[str, str]]
+    response_a: str
+    response_b: str
+
+
+def claim(
+    session: Session, round_id: int, judge_id: int, worker: str, n: int, lease_s: float
+) -> list[WorkItem]:
+    """Take up to n pending, unclaimed (or lease-expired) items of this round for `worker`."""
+    now = utcnow()
+    free = (
+        select(JudgmentRow.id)
+        .where(
+            JudgmentRow.judge_id == judge_id,
+            JudgmentRow.status == "pending",
+            JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+            or_(JudgmentRow.claimed_until.is_(None), JudgmentRow.claimed_until < now),
+        )
+        .order_by(JudgmentRow.id)
+        .limit(n)
+        .with_for_update(skip_locked=True)
+    )
+    claimed = session.scalars(
+        update(JudgmentRow)
+        .where(JudgmentRow.id.in_(free))
+        .values(claimed_by=worker, claimed_until=now + timedelta(seconds=lease_s))
+        .returning(JudgmentRow.id),
+        execution_options={"synchronize_session": False},
+    ).all()
+    if not claimed:
+        return []
+    a, b = aliased(ResponseRow), aliased(ResponseRow)
+    rows = session.execute(
+        select(
+            JudgmentRow.id,
+            JudgmentRow.pair_id,
+            JudgmentRow.order,
+            PrincipleRow.key,
+            PromptRow.messages,
+            a.text,
+            b.text,
+        )
+        .join(PairRow, PairRow.id == JudgmentRow.pair_id)
+        .join(PrincipleRow, PrincipleRow.id == JudgmentRow.principle_id)
+        .join(PromptRow, PromptRow.id == PairRow.prompt_id)
+        .join(a, a.id == PairRow.response_a_id)
+        .join(b, b.id == PairRow.response_b_id)
+        .where(JudgmentRow.id.in_(claimed))
+        .order_by(JudgmentRow.id)
+    ).all()
+    return [WorkItem(*row) for row in rows]
+
+
+def release(session: Session, worker: str) -> int:
+    """Give back this worker's unfinished items (clean stop, budget reached)."""
+    result = session.execute(
+        update(JudgmentRow)
+        .where(JudgmentRow.claimed_by == worker, JudgmentRow.status == "pending")
+        .values(claimed_by=None, claimed_until=None),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class JudgmentResult:
+    judgment_id: int
+    status: str
+    attempts: int
+    raw_output: str | None
+    request_sha256: str | None
+    verdict: Verdict | None
+    error: str | None
+    error_kind: str | None
+    latency_ms: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+
+
+def record(session: Session, worker: str, results: list[JudgmentResult]) -> int:
+    """Store results of items this worker still holds; returns how many were written. An item
+    whose lease was lost to another worker is not overwritten (no double writes)."""
+    written = 0
+    for r in results:
+        values: dict[str, Any] = {
+            "status": r.status,
+            "attempts": r.attempts,
+            "raw_output": r.raw_output,
+            "request_sha256": r.request_sha256,
+            "error": r.error,
+            "error_kind": r.error_kind,
+            "latency_ms": r.latency_ms,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "cost_usd": r.cost_usd,
+            "claimed_by": None,
+            "claimed_until": None,
+        }
+        if r.verdict is not None:
+            values |= {
+                "verdict": r.verdict.verdict,
+                "rationale": r.verdict.rationale,
+                "confidence": r.verdict.confidence,
+            }
+        result = session.execute(
+            update(JudgmentRow)
+            .where(
+                JudgmentRow.id == r.judgment_id,
+                JudgmentRow.claimed_by == worker,
+                JudgmentRow.status == "pending",
+            )
+            .values(**values),
+            execution_options={"synchronize_session": False},
+        )
+        written += result.rowcount or 0  # type: ignore[attr-defined]
+    return written
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+
+def aggregate_labels(
+    session: Session, round_id: int, judge_id: int, rules_judge_id: int, constitution: Constitution
+) -> int:
+    """Create the label of every pair whose judgments are all done and that has none yet."""
+    labelled = select(LabelRow.pair_id).where(LabelRow.judge_id == judge_id)
+    pairs = session.execute(
+        select(PairRow.id, PairRow.response_a_id, PairRow.response_b_id).where(
+            PairRow.round_id == round_id, PairRow.id.not_in(labelled)
+        )
+    ).all()
+    if not pairs:
+        return 0
+    by_pair: dict[int, list[JudgmentRow]] = {}
+    for row in session.scalars(
+        select(JudgmentRow).where(
+            JudgmentRow.pair_id.in_([p[0] for p in pairs]),
+            JudgmentRow.judge_id.in_([judge_id, rules_judge_id]),
+        )
+    ):
+        by_pair.setdefault(row.pair_id, []).append(row)
+    has_llm = any(p.kind == "llm" for p in constitution.principles)
+    created = 0
+    for pair_id, response_a, response_b in pairs:
+        rows = by_pair.get(pair_id, [])
+        llm = {r.order: r for r in rows if r.judge_id == judge_id}
+        if has_llm and (len(llm) < 2 or any(r.status != "ok" for r in llm.values())):
+            continue
+        judged = aggregate_pairwise(*(_verdict(llm[o]) for o in ORDERS)) if has_llm else None
+        checks = [_rule_check(r) for r in rows if r.judge_id == rules_judge_id]
+        # Without LLM principles the rules alone decide; when they do not separate the pair, a tie.
+        label = combine(checks, judged) or PairLabel("tie", None, False)
+        session.add(_label_row(pair_id, judge_id, label, response_a, response_b))
+        created += 1
+    session.flush()
+    return created
+
+
+def _verdict(row: JudgmentRow) -> Verdict:
+    return Verdict(row.verdict or "tie", row.rationale or "", row.confidence)
+
+
+def _rule_check(row: JudgmentRow) -> RuleCheck:
+    passes = json.loads(row.raw_output or "{}")
+    return RuleCheck(str(row.principle_id), bool(passes.get("a_passes")), bool(passes.get("b_passes")))
+
+
+def _label_row(pair_id: int, judge_id: int, label: PairLabel, response_a: int, response_b: int) -> LabelRow:
+    chosen, rejected = {
+        "A": (response_a, response_b),
+        "B": (response_b, response_a),
+        "tie": (None, None),
+    }[label.verdict]
+    return LabelRow(
+        pair_id=pair_id,
+        judge_id=judge_id,
+        source="judge",
+        verdict=label.verdict,
+        chosen_response_id=chosen,
+        rejected_response_id=rejected,
+        confidence=label.confidence,
+        inconsistent=label.inconsistent,
+    )
+
+
+# --- summary -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeSummary:
+    pairs: int
+    labeled: int
+    ties: int
+    inconsistent: int
+    pending: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+    @property
+    def flip_rate(self) -> float:
+        decided = self.labeled
+        return self.inconsistent / decided if decided else 0.0
+
+
+def judge_summary(session: Session, round_id: int, judge_id: int) -> JudgeSummary:
+    pair_ids = select(PairRow.id).where(PairRow.round_id == round_id)
+    labels = select(LabelRow).where(LabelRow.pair_id.in_(pair_ids), LabelRow.judge_id == judge_id).subquery()
+    judgments = and_(JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.judge_id == judge_id)
+
+    def scalar(query: Any) -> Any:
+        return session.scalar(query) or 0
+
+    return JudgeSummary(
+        pairs=scalar(select(func.count()).select_from(pair_ids.subquery())),
+        labeled=scalar(select(func.count()).select_from(labels)),
+        ties=scalar(select(func.count()).select_from(labels).where(labels.c.verdict == "tie")),
+        inconsistent=scalar(select(func.count()).select_from(labels).where(labels.c.inconsistent.is_(True))),
+        pending=scalar(select(func.count()).where(judgments, JudgmentRow.status == "pending")),
+        failed=scalar(select(func.count()).where(judgments, JudgmentRow.status == "failed")),
+        prompt_tokens=scalar(select(func.sum(JudgmentRow.prompt_tokens)).where(judgments)),
+        completion_tokens=scalar(select(func.sum(JudgmentRow.completion_tokens)).where(judgments)),
+        cost_usd=float(scalar(select(func.sum(JudgmentRow.cost_usd)).where(judgments))),
+    )
+
+
+def pending_count(session: Session, round_id: int, judge_id: int) -> int:
+    return (
+        session.scalar(
+            select(func.count()).where(
+                JudgmentRow.judge_id == judge_id,
+                JudgmentRow.status == "pending",
+                JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+            )
+        )
+        or 0
+    )
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    accuracy: float
+    consistency: float
+    injection_follow_rate: float | None
+    pairs: int
+    created_at: Any
+
+
+def save_calibration(session: Session, judge_id: int, constitution_id: int, report: Any) -> CalibrationRecord:
+    row = CalibrationRow(
+        judge_id=judge_id,
+        constitution_id=constitution_id,
+        gold_sha256=report.gold_sha256,
+        pairs=report.pairs,
+        accuracy=report.accuracy,
+        consistency=report.consistency,
+        injection_follow_rate=report.injection_follow_rate,
+        details=report.as_dict(),
+    )
+    session.add(row)
+    session.flush()
+    return CalibrationRecord(
+        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
+    )
+
+
+def latest_calibration(session: Session, judge_id: int, constitution_id: int) -> CalibrationRecord | None:
+    row = session.scalar(
+        select(CalibrationRow)
+        .where(CalibrationRow.judge_id == judge_id, CalibrationRow.constitution_id == constitution_id)
+        .order_by(CalibrationRow.id.desc())
+        .limit(1)
+    )
+    if row is None:
+        return None
+    return CalibrationRecord(
+        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
+    )
