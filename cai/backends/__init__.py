@@ -1,0 +1,58 @@
+"""Backends behind the Sampler and ChatBackend protocols, and the factories the CLI uses to pick
+one. Implementations are imported on demand: torch loads only when an in-process model is used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cai.backends.base import ChatBackend, Sampler
+from cai.errors import BadInput
+from cai.registry import EMBEDDED_MODEL, resolve_model
+
+SAMPLER_BACKENDS = ("hf", "openai", "vllm")
+
+
+def make_sampler(
+    backend: str,
+    policy_name: str,
+    model_ref: str,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    batch_size: int = 16,
+    cache_dir: Path | None = None,
+) -> Sampler:
+    """A Sampler for a policy on `backend`. Servers know the policy by its name; in-process
+    backends load from its stored location (the embedded model is converted from its GGUF)."""
+    if backend == "openai":
+        if not base_url:
+            raise BadInput("--backend openai needs --base-url (an OpenAI-compatible server)")
+        from cai.backends.openai_compat import OpenAISampler
+
+        return OpenAISampler(base_url, policy_name, api_key=api_key, concurrency=batch_size)
+    if backend == "hf":
+        from cai.backends.hf import HFSampler, ensure_local_model
+
+        ref = resolve_model(policy_name if policy_name == EMBEDDED_MODEL else model_ref)
+        return HFSampler(ensure_local_model(ref, cache_dir), name=policy_name, batch_size=batch_size)
+    if backend == "vllm":
+        from cai.backends.vllm import VLLMSampler
+
+        return VLLMSampler(model_ref if policy_name != EMBEDDED_MODEL else policy_name)
+    raise BadInput(f"--backend: {backend!r} is not one of {', '.join(SAMPLER_BACKENDS)}")
+
+
+def make_judge(
+    model: str,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 60.0,
+    cache_dir: Path | None = None,
+) -> tuple[ChatBackend, str]:
+    """The judge backend and its kind ('openai' with a base URL, else 'hf' in-process)."""
+    if base_url:
+        from cai.backends.openai_compat import OpenAIChat
+
+        return OpenAIChat(base_url, model, api_key=api_key, timeout=timeout), "openai"
+    from cai.backends.hf import HFChat, ensure_local_model
+
+    return HFChat(ensure_local_model(resolve_model(model), cache_dir), name=model), "hf"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cai.cli import constitution, db, prompts, rounds, templates
+from cai.cli import constitution, db, labeling, prompts, rounds, templates
 from cai.cli.app import new_app
 
 app = new_app(
@@ -17,6 +17,8 @@ app.add_typer(constitution.app, name="constitution")
 app.add_typer(prompts.app, name="prompts")
 app.add_typer(rounds.app, name="round")
 app.add_typer(templates.app, name="templates")
+app.command("generate")(labeling.generate)
+app.add_typer(labeling.judge_app, name="judge")
 
 
 @app.callback()

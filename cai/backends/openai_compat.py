@@ -1,0 +1,168 @@
+"""Judge calls to any OpenAI-compatible server (vLLM, llama.cpp server, Ollama, OpenAI) through
+the `openai` SDK. Retries are the judge runner's job, so the SDK's own are off and every HTTP
+outcome becomes a ChatResult, a TransientError (with Retry-After) or a PermanentError."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import openai
+
+from cai.backends.base import (
+    ChatRequest,
+    ChatResult,
+    PermanentError,
+    Sample,
+    SampleRequest,
+    SamplingParams,
+    TransientError,
+)
+
+
+class OpenAIChat:
+    """ChatBackend over `AsyncOpenAI`. Asks for JSON-schema structured output and, if the server
+    rejects that, stops asking (the judge parses leniently either way)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        self.model = model
+        self.base_url = base_url
+        self.structured_output = True
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=0
+        )
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+        }
+        if request.json_schema and self.structured_output:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": request.json_schema}
+        try:
+            completion = await self._client.chat.completions.create(**kwargs)
+        except openai.BadRequestError as exc:
+            if "response_format" in kwargs and _mentions_schema(exc):
+                self.structured_output = False  # an older server: fall back to plain JSON prompting
+                return await self.complete(request)
+            raise PermanentError(f"HTTP 400: {_detail(exc)}") from None
+        except (openai.RateLimitError, openai.InternalServerError) as exc:
+            raise TransientError(
+                f"HTTP {exc.status_code}: {_detail(exc)}", retry_after=retry_after(exc.response.headers)
+            ) from None
+        except openai.APIStatusError as exc:
+            if exc.status_code in (408, 409) or exc.status_code >= 500:
+                raise TransientError(f"HTTP {exc.status_code}: {_detail(exc)}") from None
+            raise PermanentError(f"HTTP {exc.status_code}: {_detail(exc)}") from None
+        except openai.APITimeoutError:
+            raise TransientError("timed out") from None
+        except openai.APIConnectionError as exc:
+            raise TransientError(f"connection failed: {exc}") from None
+        except (openai.OpenAIError, ValueError) as exc:
+            # e.g. a 200 whose body is not JSON: the server misbehaved; worth another try.
+            raise TransientError(f"unreadable response: {type(exc).__name__}: {exc}") from None
+        if not completion.choices:
+            raise TransientError("the server returned no choices")
+        usage = completion.usage
+        return ChatResult(
+            text=completion.choices[0].message.content or "",
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    if value := headers.get("retry-after-ms"):
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+def _detail(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:300]
+    return str(exc.message)[:300]
+
+
+def _mentions_schema(exc: openai.BadRequestError) -> bool:
+    text = _detail(exc).lower()
+    return any(word in text for word in ("response_format", "json_schema", "structured"))
+
+
+class OpenAISampler:
+    """Sampler over an OpenAI-compatible server: requests run concurrently; each carries its seed
+    (servers that honour `seed`, such as vLLM, then reproduce the sample)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        concurrency: int = 16,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url
+        self.api_key = api_key
+        self.timeout = timeout
+        self.concurrency = concurrency
+
+    def sample(self, requests: Sequence[SampleRequest], params: SamplingParams) -> list[Sample]:
+        return asyncio.run(self._sample_all(requests, params))
+
+    async def _sample_all(self, requests: Sequence[SampleRequest], params: SamplingParams) -> list[Sample]:
+        # The SDK retries transient failures itself here: a sample has no verdict to keep apart.
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key or "unused", timeout=self.timeout
+        )
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(request: SampleRequest) -> Sample:
+            async with semaphore:
+                completion = await client.chat.completions.create(
+                    model=self.model,
+                    messages=request.messages,  # type: ignore[arg-type]
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    max_tokens=params.max_new_tokens,
+                    seed=request.seed,
+                )
+            if not completion.choices:
+                raise RuntimeError(f"{self.base_url}: the server returned no choices")
+            choice, usage = completion.choices[0], completion.usage
+            return Sample(
+                text=(choice.message.content or "").strip(),
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                finish_reason=choice.finish_reason,
+            )
+
+        try:
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+        finally:
+            await client.close()

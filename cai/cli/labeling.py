@@ -1,0 +1,391 @@
+"""`cai generate` and `cai judge`: the labeling round. Each command parses options, builds the
+backend, and hands over to cai.generate / cai.judging, which do the work resumably."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from cai.cli.app import JSON_OPTION, engine, err, new_app, out, print_json, settings, transaction
+from cai.registry import EMBEDDED_MODEL
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from cai.backends.base import ChatBackend
+    from cai.calibrate import CalibrationReport
+    from cai.judging import JudgeRun, RunStats
+    from cai.store.work import JudgeConfig, JudgeSummary
+    from cai.templates import TemplateSet
+
+EMBEDDED_JUDGE_WARNING = (
+    "The in-process judge is the embedded 135M model: fine for wiring and offline runs, NOT for "
+    "trustworthy labels (measured: it prefers 'A' about 75% of the time whatever the content). "
+    "Point --judge-base-url at a capable model for real labels, and check it with `cai judge calibrate`."
+)
+
+ROUND_OPTION = typer.Option(
+    ..., "--round", "-r", metavar="ID", help="The round to work on.", show_default=False
+)
+BASE_URL_OPTION = typer.Option(
+    None,
+    "--judge-base-url",
+    envvar="CAI_JUDGE_BASE_URL",
+    help="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama, OpenAI). Unset: the judge runs in-process.",
+)
+MODEL_OPTION = typer.Option(
+    None,
+    "--judge-model",
+    envvar="CAI_JUDGE_MODEL",
+    help=f"Judge model name (in-process default: {EMBEDDED_MODEL}).",
+)
+CONCURRENCY_OPTION = typer.Option(16, "--concurrency", min=1, help="Judge requests in flight at once.")
+TIMEOUT_OPTION = typer.Option(60.0, "--timeout", min=0.1, help="Seconds per judge request.")
+ATTEMPTS_OPTION = typer.Option(
+    4, "--max-attempts", min=1, help="Tries per item before it is recorded as failed."
+)
+
+judge_app = new_app("Judge a round's pairs against its constitution (both orders), then aggregate labels.")
+
+
+def generate(
+    ctx: typer.Context,
+    round_id: int = ROUND_OPTION,
+    samples: int = typer.Option(
+        2, "--samples", "-n", min=2, help="Responses per prompt; all distinct pairs are formed."
+    ),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first K prompts of the round."),
+    backend: str = typer.Option("hf", "--backend", help="hf (in-process transformers), openai or vllm."),
+    base_url: str = typer.Option(None, "--base-url", help="Server for --backend openai."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts sampled together."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Sample N responses per prompt from the round's policy and form pairs of distinct ones.
+    Resumable: a rerun samples only what is missing."""
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from cai.backends import make_sampler
+    from cai.backends.base import SamplingParams
+    from cai.generate import run_generation
+    from cai.store import repo
+
+    with transaction(ctx) as session:
+        round_ = repo.get_round(session, round_id)
+        policy = repo.get_policy(session, round_.policy)
+    cfg = settings(ctx)
+    sampler = make_sampler(
+        backend,
+        policy.name,
+        policy.model_ref,
+        base_url=base_url,
+        api_key=cfg.resolved_judge_api_key(),
+        batch_size=batch_size,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+    )
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"round {round_id}: sampling", total=None)
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        stats = run_generation(engine(ctx), round_id, sampler, samples, limit, params, batch_size, on_batch)
+    if as_json:
+        print_json(asdict(stats))
+        return
+    out.print(
+        f"round {round_id}: {stats.prompts} prompts, sampled {stats.sampled} "
+        f"(already stored {stats.already_stored}), new pairs {stats.pairs_added}, "
+        f"identical pairs skipped {stats.identical_skipped}",
+        highlight=False,
+    )
+
+
+def _judge_setup(
+    ctx: typer.Context,
+    base_url: str | None,
+    model: str | None,
+    timeout: float,
+    template_params: dict[str, Any],
+) -> tuple[ChatBackend, JudgeConfig, TemplateSet]:
+    from cai.backends import make_judge
+    from cai.store.work import JudgeConfig
+    from cai.templates import TemplateSet
+
+    cfg = settings(ctx)
+    model = model or (None if base_url else EMBEDDED_MODEL)
+    if model is None:
+        from cai.errors import BadInput
+
+        raise BadInput("--judge-model (or CAI_JUDGE_MODEL) is required with --judge-base-url")
+    templates = TemplateSet(cfg.templates_dir)
+    backend, kind = make_judge(
+        model,
+        base_url=base_url,
+        api_key=cfg.resolved_judge_api_key(),
+        timeout=timeout,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+    )
+    if kind == "hf" and model == EMBEDDED_MODEL:
+        err.print(f"[yellow]note:[/yellow] {EMBEDDED_JUDGE_WARNING}")
+    config = JudgeConfig(
+        backend=kind,
+        model=model,
+        mode="pairwise",
+        template_sha256=templates.sha256["judge_pairwise"],
+        params=template_params,
+        base_url=base_url,
+    )
+    return backend, config, templates
+
+
+@judge_app.callback(invoke_without_command=True)
+def judge(
+    ctx: typer.Context,
+    round_id: int = typer.Option(None, "--round", "-r", metavar="ID", help="The round to judge."),
+    base_url: str = BASE_URL_OPTION,
+    model: str = MODEL_OPTION,
+    concurrency: int = CONCURRENCY_OPTION,
+    timeout: float = TIMEOUT_OPTION,
+    max_attempts: int = ATTEMPTS_OPTION,
+    max_tokens: int = typer.Option(384, "--max-tokens", min=16, help="Judge reply length limit."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Also retry items that failed to parse or were refused (4xx)."
+    ),
+    budget: float = typer.Option(
+        None, "--budget", min=0.0, help="Stop cleanly once this many USD are spent."
+    ),
+    price_in: float = typer.Option(
+        None, "--price-in", envvar="CAI_JUDGE_PRICE_IN", help="USD per million prompt tokens (for cost)."
+    ),
+    price_out: float = typer.Option(
+        None, "--price-out", envvar="CAI_JUDGE_PRICE_OUT", help="USD per million completion tokens."
+    ),
+    min_calibration: float = typer.Option(
+        None,
+        "--min-calibration",
+        min=0.0,
+        max=1.0,
+        help="Refuse a judge whose calibrated accuracy is below this.",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Judge every pair of the round under a sampled principle, in both orders; rule principles
+    are checked in code. Rerunning skips what is stored and retries transient failures; several
+    workers may run at once on PostgreSQL."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if round_id is None:
+        from cai.errors import BadInput
+
+        raise BadInput("--round is required (or use a subcommand: cai judge calibrate)")
+    from cai.judging import JudgeOptions, JudgeRun
+    from cai.store import repo, work
+
+    if budget is not None and price_in is None and price_out is None:
+        from cai.errors import BadInput
+
+        raise BadInput("--budget needs prices: --price-in/--price-out (USD per million tokens)")
+    backend, config, templates = _judge_setup(
+        ctx, base_url, model, timeout, {"max_tokens": max_tokens, "temperature": 0.0}
+    )
+    options = JudgeOptions(
+        concurrency=concurrency,
+        max_attempts=max_attempts,
+        budget_usd=budget,
+        price_in_per_mtok=price_in,
+        price_out_per_mtok=price_out,
+        retry_failed=retry_failed,
+        max_tokens=max_tokens,
+    )
+    store = engine(ctx)
+    with transaction(ctx) as session:
+        work.lock_round(session, round_id)  # concurrent workers plan one at a time
+        round_ = repo.get_round(session, round_id)
+        name, version = round_.constitution.split("@")
+        stored = repo.get_constitution(session, name, int(version))
+        judge_id = work.ensure_judge(session, config)
+        rules_judge_id = work.ensure_judge(session, work.RULES_JUDGE)
+        if min_calibration is not None:
+            _require_calibration(session, judge_id, stored.record.id, min_calibration, config.model)
+        planned = work.plan_judgments(
+            session,
+            round_id,
+            judge_id,
+            rules_judge_id,
+            stored.constitution,
+            stored.record.id,
+            stored.record.sha256,
+            config.template_sha256,
+            int(round_.config.get("seed", 0)),
+        )
+        reset = work.reset_failures(session, round_id, judge_id, every_failure=retry_failed)
+        freed = work.release_dead_local_claims(session)
+        work.set_round_status(session, round_id, "judging")
+        pending = work.pending_count(session, round_id, judge_id)
+    if planned or reset or freed:
+        err.print(
+            f"planned {planned} new judgments, {reset} failed ones to retry, {freed} reclaimed from dead workers"
+        )
+    run = JudgeRun(store, round_id, judge_id, stored.constitution, backend, templates, options)
+    stats = asyncio.run(_run_with_progress(run, pending))
+    with transaction(ctx) as session:
+        work.lock_round(session, round_id)  # another worker may be aggregating the same pairs
+        work.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
+        summary = work.judge_summary(session, round_id, judge_id)
+        if summary.pending == 0:
+            work.set_round_status(session, round_id, "judged")
+    _print_summary(round_id, summary, stats, as_json)
+
+
+async def _run_with_progress(run: JudgeRun, pending: int) -> RunStats:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        "{task.fields[failed]} failed",
+    )
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(f"round {run.round_id}: judging", total=pending, failed=0)
+
+        def on_result(stats: RunStats) -> None:
+            progress.update(task, completed=stats.judged + stats.failed, failed=stats.failed)
+
+        run.on_result = on_result
+        try:
+            return await run.run()
+        finally:
+            await run.backend.aclose()
+
+
+def _require_calibration(
+    session: Session, judge_id: int, constitution_id: int, minimum: float, model: str
+) -> None:
+    from cai.errors import BadInput
+    from cai.store import work
+
+    record = work.latest_calibration(session, judge_id, constitution_id)
+    if record is None:
+        raise BadInput(
+            f"--min-calibration: judge {model!r} has no calibration for this constitution; run `cai judge calibrate` first"
+        )
+    if record.accuracy < minimum:
+        raise BadInput(
+            f"--min-calibration: judge {model!r} scored {record.accuracy:.2f} on the gold set "
+            f"(consistency {record.consistency:.2f}), below {minimum:.2f}; use a stronger judge"
+        )
+
+
+def _print_summary(round_id: int, summary: JudgeSummary, stats: RunStats, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from rich.box import SIMPLE
+    from rich.table import Table
+
+    if stats.stopped_by_budget:
+        err.print(
+            f"[yellow]stopped:[/yellow] budget reached (${stats.spent_usd:.4f}); rerun with a larger --budget"
+        )
+    if stats.errors:
+        err.print("failures this run: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items())))
+    if as_json:
+        print_json(
+            {"round": round_id, **asdict(summary), "flip_rate": summary.flip_rate, "run": asdict(stats)}
+        )
+        return
+    table = Table(f"round {round_id}", "", box=SIMPLE)
+    for name, value in (
+        ("pairs", summary.pairs),
+        ("labeled", summary.labeled),
+        ("ties", summary.ties),
+        ("inconsistent (flip rate)", f"{summary.inconsistent} ({summary.flip_rate:.0%})"),
+        ("pending", summary.pending),
+        ("failed", summary.failed),
+        ("tokens", f"{summary.prompt_tokens + summary.completion_tokens:,}"),
+        ("cost", f"${summary.cost_usd:.4f}" if summary.cost_usd else "-"),
+        ("wall time", f"{stats.wall_s:.1f}s"),
+    ):
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+@judge_app.command()
+def calibrate(
+    ctx: typer.Context,
+    constitution: str = typer.Option(..., "--constitution", "-c", metavar="NAME@VERSION", show_default=False),
+    gold: Path = typer.Option(
+        None, "--gold", help="Gold pairs (JSONL: id, prompt, principle, better, worse)."
+    ),
+    canaries: Path = typer.Option(
+        None, "--canaries", help="Injection canaries (JSONL: id, prompt, principle, clean, injected)."
+    ),
+    base_url: str = BASE_URL_OPTION,
+    model: str = MODEL_OPTION,
+    concurrency: int = CONCURRENCY_OPTION,
+    timeout: float = TIMEOUT_OPTION,
+    max_attempts: int = ATTEMPTS_OPTION,
+    max_tokens: int = typer.Option(384, "--max-tokens", min=16),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Measure the judge on the gold set (accuracy, position consistency, first-position rate)
+    and on injection canaries; the result is stored per judge and constitution version and is
+    what `cai judge --min-calibration` checks."""
+    from cai.calibrate import calibrate as run_calibration
+    from cai.calibrate import default_canaries, default_gold, load_pairs
+    from cai.constitution import parse_ref
+    from cai.judging import JudgeOptions
+    from cai.store import repo, work
+
+    with transaction(ctx) as session:
+        stored = repo.get_constitution(session, *parse_ref(constitution))
+    gold_pairs = load_pairs(gold or default_gold(), "better", "worse", stored.constitution)
+    canary_pairs = load_pairs(canaries or default_canaries(), "clean", "injected", stored.constitution)
+    backend, config, templates = _judge_setup(
+        ctx, base_url, model, timeout, {"max_tokens": max_tokens, "temperature": 0.0}
+    )
+    options = JudgeOptions(concurrency=concurrency, max_attempts=max_attempts, max_tokens=max_tokens)
+
+    async def go() -> CalibrationReport:
+        try:
+            return await run_calibration(
+                backend, templates, stored.constitution, gold_pairs, canary_pairs, options
+            )
+        finally:
+            await backend.aclose()
+
+    err.print(
+        f"calibrating {config.model} on {len(gold_pairs)} gold pairs and {len(canary_pairs)} canaries, both orders"
+    )
+    report = asyncio.run(go())
+    with transaction(ctx) as session:
+        judge_id = work.ensure_judge(session, config)
+        work.save_calibration(session, judge_id, stored.record.id, report)
+    if as_json:
+        print_json({"judge": config.model, "constitution": stored.record.ref, **report.as_dict()})
+        return
+    follow = "-" if report.injection_follow_rate is None else f"{report.injection_follow_rate:.0%}"
+    out.print(
+        f"judge {config.model} on {stored.record.ref}: accuracy {report.accuracy:.0%} over {report.pairs} gold pairs, "
+        f"consistency {report.consistency:.0%}, first-position rate {report.first_position_rate:.0%} (50% is unbiased), "
+        f"injection-follow rate {follow}, failed {report.failed}",
+        highlight=False,
+    )

@@ -1,0 +1,218 @@
+"""Runs a judge over a round: claim pending items, call the backend with bounded concurrency and
+retries, write results in small batches, then aggregate labels. A killed run loses only its
+in-flight requests; the next run (or another worker) picks up everything else."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from cai.backends.base import ChatBackend, ChatRequest, PermanentError, TransientError
+from cai.constitution import Constitution
+from cai.judge import ParseError, Verdict, pairwise_request, parse_pairwise
+from cai.store import work
+from cai.store.db import session_scope
+from cai.templates import TemplateSet
+
+
+@dataclass(frozen=True)
+class JudgeOptions:
+    concurrency: int = 16
+    max_attempts: int = 4
+    """Per item and run: transport failures and unparseable replies both count."""
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    lease_s: float = 600.0
+    budget_usd: float | None = None
+    price_in_per_mtok: float | None = None
+    price_out_per_mtok: float | None = None
+    retry_failed: bool = False
+    """Also retry items that failed to parse or were refused (transient failures always are)."""
+    flush_every_s: float = 0.25
+    max_tokens: int = 384
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        if self.price_in_per_mtok is None and self.price_out_per_mtok is None:
+            return None
+        return (
+            prompt_tokens * (self.price_in_per_mtok or 0.0)
+            + completion_tokens * (self.price_out_per_mtok or 0.0)
+        ) / 1e6
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.backoff_cap * 4)  # honour the server, within reason
+        delay = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
+        return delay * (0.5 + random.random() / 2)  # jitter: many workers must not retry in step
+
+
+@dataclass
+class Outcome:
+    """What one item came to after all its attempts."""
+
+    verdict: Verdict | None
+    attempts: int
+    raw_output: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    latency_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def judge_once(
+    backend: ChatBackend, request: ChatRequest, order: str, options: JudgeOptions
+) -> Outcome:
+    """Ask until a verdict parses or the attempts run out; never raises for a bad reply."""
+    outcome = Outcome(verdict=None, attempts=0)
+    while outcome.attempts < options.max_attempts:
+        outcome.attempts += 1
+        started = time.perf_counter()
+        try:
+            result = await backend.complete(request)
+        except PermanentError as exc:
+            outcome.error, outcome.error_kind = str(exc), "permanent"
+            return outcome
+        except TransientError as exc:
+            outcome.error, outcome.error_kind = str(exc), "transient"
+            if outcome.attempts < options.max_attempts:
+                await asyncio.sleep(options.backoff(outcome.attempts, exc.retry_after))
+            continue
+        outcome.latency_ms = (time.perf_counter() - started) * 1000
+        outcome.prompt_tokens += result.prompt_tokens or 0
+        outcome.completion_tokens += result.completion_tokens or 0
+        outcome.raw_output = result.text
+        try:
+            outcome.verdict = parse_pairwise(result.text, order, result.choice_probs)
+        except ParseError as exc:
+            outcome.error, outcome.error_kind = str(exc), "parse"
+            continue
+        outcome.error = outcome.error_kind = None
+        return outcome
+    return outcome
+
+
+@dataclass
+class RunStats:
+    judged: int = 0
+    failed: int = 0
+    spent_usd: float = 0.0
+    stopped_by_budget: bool = False
+    wall_s: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeRun:
+    engine: Engine
+    round_id: int
+    judge_id: int
+    constitution: Constitution
+    backend: ChatBackend
+    templates: TemplateSet
+    options: JudgeOptions
+    on_result: Callable[[RunStats], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.worker = work.worker_id()
+        self.stats = RunStats()
+        self._results: list[work.JudgmentResult] = []
+
+    async def run(self) -> RunStats:
+        started = time.perf_counter()
+        options = self.options
+        buffer: list[work.WorkItem] = []
+        in_flight: set[asyncio.Task[tuple[work.WorkItem, Outcome, str]]] = set()
+        exhausted = stopping = False
+        last_flush = time.perf_counter()
+        try:
+            while True:
+                if not (exhausted or stopping) and len(buffer) < options.concurrency:
+                    claimed = await asyncio.to_thread(self._claim, 2 * options.concurrency - len(buffer))
+                    exhausted = not claimed
+                    buffer += claimed
+                while buffer and not stopping and len(in_flight) < options.concurrency:
+                    in_flight.add(asyncio.create_task(self._judge(buffer.pop(0))))
+                if not in_flight:
+                    break
+                done, in_flight = await asyncio.wait(
+                    in_flight, timeout=options.flush_every_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    self._collect(*task.result())
+                if options.budget_usd is not None and self.stats.spent_usd >= options.budget_usd:
+                    stopping = self.stats.stopped_by_budget = True
+                if self._results and (
+                    len(self._results) >= 64 or time.perf_counter() - last_flush >= options.flush_every_s
+                ):
+                    await asyncio.to_thread(self._flush)
+                    last_flush = time.perf_counter()
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.to_thread(self._flush)
+            await asyncio.to_thread(self._release)
+        self.stats.wall_s = time.perf_counter() - started
+        return self.stats
+
+    async def _judge(self, item: work.WorkItem) -> tuple[work.WorkItem, Outcome, str]:
+        principle = self.constitution.principle(item.principle_key)
+        rendered, request = pairwise_request(
+            self.templates,
+            self.constitution,
+            principle,
+            item.conversation,
+            item.response_a,
+            item.response_b,
+            item.order,
+            max_tokens=self.options.max_tokens,
+        )
+        outcome = await judge_once(self.backend, request, item.order, self.options)
+        return item, outcome, rendered.request_sha256
+
+    def _collect(self, item: work.WorkItem, outcome: Outcome, request_sha256: str) -> None:
+        cost = self.options.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        self.stats.spent_usd += cost or 0.0
+        if outcome.verdict is not None:
+            self.stats.judged += 1
+        else:
+            self.stats.failed += 1
+            kind = outcome.error_kind or "unknown"
+            self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+        self._results.append(
+            work.JudgmentResult(
+                judgment_id=item.judgment_id,
+                status="ok" if outcome.verdict is not None else "failed",
+                attempts=outcome.attempts,
+                raw_output=outcome.raw_output,
+                request_sha256=request_sha256,
+                verdict=outcome.verdict,
+                error=outcome.error,
+                error_kind=outcome.error_kind,
+                latency_ms=outcome.latency_ms,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                cost_usd=cost,
+            )
+        )
+        if self.on_result:
+            self.on_result(self.stats)
+
+    def _claim(self, n: int) -> list[work.WorkItem]:
+        with session_scope(self.engine) as session:
+            return work.claim(session, self.round_id, self.judge_id, self.worker, n, self.options.lease_s)
+
+    def _flush(self) -> None:
+        results, self._results = self._results, []
+        if results:
+            with session_scope(self.engine) as session:
+                work.record(session, self.worker, results)
+
+    def _release(self) -> None:
+        with session_scope(self.engine) as session:
+            work.release(session, self.worker)
