@@ -1,0 +1,487 @@
+"""A loopback OpenAI-compatible chat-completions server with deterministic fault injection."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal
+
+Responder = Callable[[dict[str, Any]], str]
+
+FaultKind = Literal[
+    "status", "sleep", "drop", "garbage", "truncated", "bad_verdict", "empty_choices", "invalid_body"
+]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the server does to one chat-completions request instead of serving it normally."""
+
+    kind: FaultKind
+    code: int = 200
+    retry_after: float | str | None = None
+    seconds: float = 0.0
+    then: Literal["respond", "drop"] = "respond"
+    text: str = ""
+
+
+def status(code: int, retry_after: float | str | None = None, message: str | None = None) -> Fault:
+    """An HTTP error with an OpenAI-style error body; `retry_after` sets the Retry-After header."""
+    if not 400 <= code <= 599:
+        raise ValueError(f"status fault needs a 4xx/5xx code, got {code}")
+    return Fault("status", code=code, retry_after=retry_after, text=message or "")
+
+
+def sleep(seconds: float, then: Literal["respond", "drop"] = "respond") -> Fault:
+    """Stall `seconds` (beyond the client's timeout, typically), then respond normally or drop."""
+    return Fault("sleep", seconds=seconds, then=then)
+
+
+def drop() -> Fault:
+    """Read the request, then close the connection without sending a byte."""
+    return Fault("drop")
+
+
+def garbage(text: str = "I think A is better!!") -> Fault:
+    """200 OK whose message content is `text` (not JSON by default)."""
+    return Fault("garbage", text=text)
+
+
+def truncated() -> Fault:
+    """200 OK whose content is the responder's JSON cut in half."""
+    return Fault("truncated")
+
+
+def bad_verdict() -> Fault:
+    """200 OK whose content is valid JSON but names a side that does not exist."""
+    return Fault("bad_verdict", text=json.dumps({"rationale": "Both are fine.", "preferred": "C"}))
+
+
+def empty_choices() -> Fault:
+    """200 OK completion with `choices: []`."""
+    return Fault("empty_choices")
+
+
+def invalid_body() -> Fault:
+    """200 OK, Content-Type application/json, body that is not JSON at all."""
+    return Fault("invalid_body", text="<html><body>502 Bad Gateway</body></html>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Responders: (request JSON) -> assistant content.
+
+
+def prompt_text(request: dict[str, Any]) -> str:
+    """The last user message's text (the rendered judge prompt), joining content parts if any."""
+    for message in reversed(request.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
+def fenced(prompt: str, label: str) -> str | None:
+    """The text inside `<<<label TOKEN>>> ... <<<END label TOKEN>>>`, or None if absent."""
+    # The backreference makes a forged closing fence (with another token) part of the text,
+    # exactly as the judge's prompt intends.
+    pattern = rf"<<<{re.escape(label)} ([0-9a-f]+)>>>\n?(.*?)\n?<<<END {re.escape(label)} \1>>>"
+    match = re.search(pattern, prompt, re.DOTALL)
+    return match.group(2) if match else None
+
+
+def default_responder(request: dict[str, Any]) -> str:
+    """A valid pairwise verdict that always prefers A."""
+    return json.dumps({"rationale": "The fake judge prefers response A.", "preferred": "A"})
+
+
+def prefer_marker(marker: str) -> Responder:
+    """Pairwise verdicts preferring the fenced response containing `marker`; tie if both or neither."""
+
+    def respond(request: dict[str, Any]) -> str:
+        prompt = prompt_text(request)
+        a, b = fenced(prompt, "RESPONSE A"), fenced(prompt, "RESPONSE B")
+        if a is None or b is None:
+            raise ValueError("prefer_marker: no RESPONSE A/B fences in the last user message")
+        in_a, in_b = marker in a, marker in b
+        preferred = "A" if in_a and not in_b else "B" if in_b and not in_a else "tie"
+        rationale = (
+            f"Only response {preferred} contains {marker!r}." if preferred != "tie" else "No difference."
+        )
+        return json.dumps({"rationale": rationale, "preferred": preferred})
+
+    return respond
+
+
+def score_by_length(words_per_point: int = 5) -> Responder:
+    """Score verdicts: scale minimum plus one point per `words_per_point` words, clamped to the scale
+    the prompt states (`<integer from LO to HI>`; 1..10 if it states none)."""
+
+    def respond(request: dict[str, Any]) -> str:
+        prompt = prompt_text(request)
+        response = fenced(prompt, "RESPONSE")
+        if response is None:
+            raise ValueError("score_by_length: no RESPONSE fence in the last user message")
+        scale = re.search(r"integer from (-?\d+) to (-?\d+)", prompt)
+        lo, hi = (int(scale.group(1)), int(scale.group(2))) if scale else (1, 10)
+        words = len(response.split())
+        score = max(lo, min(hi, lo + words // words_per_point))
+        return json.dumps({"rationale": f"The response has {words} words.", "score": score})
+
+    return respond
+
+
+def revise_responder(request: dict[str, Any]) -> str:
+    """A critique and a revision; the revision is the fenced original prefixed with `[revised] `."""
+    original = fenced(prompt_text(request), "RESPONSE")
+    revision = f"[revised] {original}" if original is not None else "[revised]"
+    return json.dumps(
+        {"critique": "The response could follow the principle more closely.", "revision": revision}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The server.
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def _error_body(code: int, message: str) -> dict[str, Any]:
+    kind, err_code = _ERROR_TYPES.get(
+        code, ("server_error" if code >= 500 else "invalid_request_error", None)
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": err_code}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+    server_version = "FakeOpenAI/1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.fake._closed(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        if self.path.split("?")[0].rstrip("/") == "/v1/models":
+            model = {"id": fake.model, "object": "model", "created": 0, "owned_by": "cai-tests"}
+            self._json(200, {"object": "list", "data": [model]})
+        else:
+            self._json(404, _error_body(404, f"unknown path {self.path}"))
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
+            self._json(404, _error_body(404, f"unknown path {self.path}"))
+            return
+        try:
+            request = json.loads(raw)
+            if not isinstance(request, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as exc:
+            self._json(400, _error_body(400, f"could not parse the JSON body: {exc}"))
+            return
+        fault = fake._admit(request)
+        self._admitted = True
+        try:
+            self._serve(fake, request, fault)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        if getattr(self, "_admitted", False):
+            self._admitted = False
+            self.server.fake._leave()
+
+    def _serve(self, fake: FakeOpenAI, request: dict[str, Any], fault: Fault | None) -> None:
+        kind = fault.kind if fault else None
+        if fault and kind == "status":
+            headers = {} if fault.retry_after is None else {"Retry-After": _header_value(fault.retry_after)}
+            message = fault.text or f"injected fault: HTTP {fault.code}"
+            self._json(fault.code, _error_body(fault.code, message), headers)
+            return
+        if kind == "drop":
+            self.close_connection = True  # socketserver then shuts the socket down: EOF, no response
+            return
+        # An Event rather than time.sleep, so close() need not wait a stall out; a stall that
+        # close() cuts short ends as a drop rather than a late success.
+        closing = fake._closing.wait(fault.seconds if fault and kind == "sleep" else fake.latency)
+        if closing or (fault and kind == "sleep" and fault.then == "drop"):
+            self.close_connection = True
+            return
+        if fault and kind == "invalid_body":
+            self._send(200, fault.text.encode(), {"Content-Type": "application/json"})
+            return
+        n = max(1, int(request.get("n") or 1))
+        try:
+            if fault and kind in ("garbage", "bad_verdict"):
+                contents = [fault.text] * n
+            elif kind == "empty_choices":
+                contents = []
+            else:
+                contents = [fake.responder(request) for _ in range(n)]
+                if kind == "truncated":
+                    contents = [c[: len(c) // 2] for c in contents]
+        except Exception as exc:  # a broken responder is a test bug: surface it, loudly, both ways
+            fake._record_error(exc)
+            self._json(500, _error_body(500, f"responder raised {type(exc).__name__}: {exc}"))
+            return
+        self._json(200, fake._completion(request, contents))
+
+    def _json(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(code, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _send(self, code: int, payload: bytes, headers: dict[str, str]) -> None:
+        self.send_response(code)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        # Leave before the last byte goes out: once a client has its response, the stats must
+        # already count the request as finished.
+        self._done()
+        self.wfile.write(payload)
+
+
+def _header_value(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog: bursts of 64+ simultaneous connects must not be refused
+    daemon_threads = True
+    block_on_close = False  # FakeOpenAI.close() shuts connections down and joins with a bound instead
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or was closed mid-response is an expected outcome of the faults.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handle_error(request, client_address)
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible server on 127.0.0.1 (a free port), one thread per connection.
+
+    `inject(*faults)` queues faults; each chat-completions request, in arrival order, takes the
+    next one (or none). `latency` is added to every 200 response and can be changed while running.
+    """
+
+    def __init__(
+        self,
+        responder: Responder = default_responder,
+        *,
+        latency: float = 0.0,
+        model: str = "fake-judge",
+    ) -> None:
+        self.responder = responder
+        self.latency = latency
+        self.model = model
+        self._lock = threading.Lock()
+        self._faults: collections.deque[Fault] = collections.deque()
+        self._requests: list[dict[str, Any]] = []
+        self._errors: list[Exception] = []
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._ids = 0
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._closing = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> FakeOpenAI:
+        if self._server is not None:
+            raise RuntimeError("FakeOpenAI is already started")
+        self._closing.clear()
+        self._server = _Server(self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-openai", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop accepting, end stalls, shut every open connection down and join their threads."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._closing.set()
+        server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            connections = dict(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a keep-alive thread blocked reading
+        deadline = time.monotonic() + timeout
+        for thread in connections.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        server.server_close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("FakeOpenAI is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- faults and instrumentation
+
+    def inject(self, *faults: Fault) -> None:
+        """Queue faults; the next chat-completions requests take one each, in arrival order."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        with self._lock:
+            return len(self._faults)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The chat-completions request bodies received so far, faulted ones included (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """Peak number of chat-completions requests in progress at once."""
+        with self._lock:
+            return self._max_in_flight
+
+    @property
+    def errors(self) -> list[Exception]:
+        """Exceptions the responder raised (each was answered with a 500)."""
+        with self._lock:
+            return list(self._errors)
+
+    def reset_stats(self) -> None:
+        """Forget requests, errors and the peak (queued faults stay)."""
+        with self._lock:
+            self._requests.clear()
+            self._errors.clear()
+            self._max_in_flight = self._in_flight
+
+    # -- called from handler threads
+
+    def _opened(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections[conn] = threading.current_thread()
+
+    def _closed(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.pop(conn, None)
+
+    def _admit(self, request: dict[str, Any]) -> Fault | None:
+        with self._lock:
+            self._requests.append(request)
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            return self._faults.popleft() if self._faults else None
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _record_error(self, exc: Exception) -> None:
+        with self._lock:
+            self._errors.append(exc)
+
+    def _completion(self, request: dict[str, Any], contents: list[str]) -> dict[str, Any]:
+        with self._lock:
+            self._ids += 1
+            ident = self._ids
+        prompt_tokens = sum(
+            _words(_text(m.get("content"))) for m in request.get("messages") or [] if isinstance(m, dict)
+        )
+        completion_tokens = sum(_words(c) for c in contents)
+        return {
+            "id": f"chatcmpl-fake-{ident}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model") or self.model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+                for i, content in enumerate(contents)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": "fp_fake",
+        }

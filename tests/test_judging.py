@@ -1,0 +1,442 @@
+"""A labeling round over real HTTP: the policy and the judge are our loopback OpenAI-compatible
+server driven through the real `openai` SDK, with injected faults, killed processes and
+concurrent workers. What must hold: every planned judgment is stored exactly once, failures are
+recorded with their reason and raw text, and reruns resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from cai.backends.base import ChatRequest
+from cai.backends.openai_compat import OpenAIChat, retry_after
+from cai.judge import pairwise_request
+from cai.judging import JudgeOptions, judge_once
+from cai.store.db import session_scope
+from cai.store.models import JudgmentRow, LabelRow, PairRow, ResponseRow
+from cai.templates import TemplateSet, sample_context
+from tests import fake_openai as fake
+from tests.conftest import REPO, Cli
+
+GOOD = "GOOD"
+
+
+def policy_then_judge(request: dict[str, Any]) -> str:
+    """Sampling requests get an answer that is GOOD for some seeds; judge requests prefer GOOD."""
+    prompt = fake.prompt_text(request)
+    if "<<<RESPONSE A " in prompt:
+        return fake.prefer_marker(GOOD)(request)
+    seed = request.get("seed", 0)
+    return f"{GOOD} answer #{seed}" if seed % 3 else f"plain answer #{seed}"
+
+
+@pytest.fixture
+def server() -> Iterator[fake.FakeOpenAI]:
+    with fake.FakeOpenAI(policy_then_judge) as running:
+        yield running
+
+
+def start_round(cli: Cli, server: fake.FakeOpenAI, limit: int = 12) -> int:
+    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
+    cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
+    round_id = int(cli("round", "start", "-c", "helpful-harmless@1", "--policy", "fake/policy").stdout)
+    cli(
+        "generate",
+        "--round",
+        round_id,
+        "--backend",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--limit",
+        limit,
+    )
+    return round_id
+
+
+def judge_args(server: fake.FakeOpenAI, round_id: int, *extra: object) -> list[object]:
+    return [
+        "judge",
+        "--round",
+        round_id,
+        "--judge-base-url",
+        server.base_url,
+        "--judge-model",
+        "fake-judge",
+        *extra,
+    ]
+
+
+def expected_verdict(text_a: str, text_b: str) -> str:
+    in_a, in_b = GOOD in text_a, GOOD in text_b
+    return "A" if in_a and not in_b else "B" if in_b and not in_a else "tie"
+
+
+def judgment_counts(engine: Engine) -> dict[str, int]:
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(JudgmentRow.status, func.count())
+            .where(JudgmentRow.template_sha256 != "0" * 64)
+            .group_by(JudgmentRow.status)
+        ).all()
+    return dict(rows)
+
+
+def test_round_labels_follow_the_judge_in_both_orders(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    round_id = start_round(cli, server)
+    summary = json.loads(cli(*judge_args(server, round_id), "--json").stdout)
+    assert summary["pairs"] > 0
+    assert summary["labeled"] == summary["pairs"]
+    assert summary["failed"] == summary["pending"] == summary["inconsistent"] == 0
+    assert summary["prompt_tokens"] > 0
+
+    with session_scope(engine) as session:
+        pairs = {p.id: p for p in session.scalars(select(PairRow).where(PairRow.round_id == round_id))}
+        texts = dict(session.execute(select(ResponseRow.id, ResponseRow.text)).all())
+        labels = list(session.scalars(select(LabelRow)))
+        judgments = list(session.scalars(select(JudgmentRow).where(JudgmentRow.template_sha256 != "0" * 64)))
+    assert len(labels) == len(pairs)
+    for label in labels:
+        pair = pairs[label.pair_id]
+        assert label.verdict == expected_verdict(texts[pair.response_a_id], texts[pair.response_b_id])
+        if label.verdict != "tie":
+            assert label.chosen_response_id == (
+                pair.response_a_id if label.verdict == "A" else pair.response_b_id
+            )
+    assert len(judgments) == 2 * len(pairs)
+    assert {(j.pair_id, j.order) for j in judgments} == {(p, o) for p in pairs for o in ("AB", "BA")}
+    for j in judgments:
+        assert j.status == "ok" and j.raw_output and j.rationale and j.request_sha256 and j.latency_ms
+        assert len(j.constitution_sha256) == len(j.template_sha256) == 64
+    # Structured output was requested from the server.
+    judge_requests = [r for r in server.requests if "response_format" in r]
+    assert judge_requests and judge_requests[0]["response_format"]["type"] == "json_schema"
+
+    shown = json.loads(cli("round", "show", round_id, "--json").stdout)
+    assert shown["status"] == "judged"
+    assert shown["counts"]["judgments"] >= 2 * len(pairs)
+    assert shown["counts"]["labels"] == len(pairs)
+
+
+def test_rerun_judges_nothing_twice(cli: Cli, engine: Engine, server: fake.FakeOpenAI) -> None:
+    round_id = start_round(cli, server, limit=6)
+    cli(*judge_args(server, round_id))
+    before, requests = judgment_counts(engine), server.count
+    cli(*judge_args(server, round_id))
+    assert judgment_counts(engine) == before
+    assert server.count == requests  # nothing was sent again
+
+
+def test_generation_resumes_and_pairs_once(cli: Cli, engine: Engine, server: fake.FakeOpenAI) -> None:
+    round_id = start_round(cli, server, limit=4)
+    with session_scope(engine) as session:
+        responses = session.scalar(select(func.count()).select_from(ResponseRow))
+        pairs = session.scalar(select(func.count()).select_from(PairRow))
+    assert responses == 8
+    again = json.loads(
+        cli(
+            "generate",
+            "-r",
+            round_id,
+            "--backend",
+            "openai",
+            "--base-url",
+            server.base_url,
+            "--limit",
+            6,
+            "--json",
+        ).stdout
+    )
+    assert (again["already_stored"], again["sampled"]) == (8, 4)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(ResponseRow)) == 12
+        assert session.scalar(select(func.count()).select_from(PairRow)) >= pairs
+
+
+FAULTS = {
+    "429 with Retry-After": fake.status(429, retry_after=0.05),
+    "429 without Retry-After": fake.status(429),
+    "500": fake.status(500),
+    "503": fake.status(503),
+    "timeout": fake.sleep(1.5),
+    "dropped connection": fake.drop(),
+    "garbage": fake.garbage(),
+    "truncated JSON": fake.truncated(),
+    "verdict outside the schema": fake.bad_verdict(),
+    "empty choice list": fake.empty_choices(),
+    "body not JSON": fake.invalid_body(),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_each_fault_is_retried_then_succeeds(fault: fake.Fault) -> None:
+    async def go() -> Any:
+        with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
+            server.inject(fault)
+            backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
+            try:
+                return await judge_once(
+                    backend, _request(), "AB", JudgeOptions(max_attempts=3, backoff_base=0.01)
+                )
+            finally:
+                await backend.aclose()
+
+    outcome = asyncio.run(go())
+    assert outcome.verdict is not None and outcome.verdict.verdict == "A"
+    assert outcome.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "reason"),
+    [
+        (fake.status(500), "transient", "HTTP 500"),
+        (fake.garbage("I like A"), "parse", "no JSON object"),
+        (fake.bad_verdict(), "parse", "'preferred' is 'C'"),
+        (fake.status(400), "permanent", "HTTP 400"),
+    ],
+)
+def test_exhausted_retries_are_recorded_with_reason_and_raw_text(
+    fault: fake.Fault, kind: str, reason: str
+) -> None:
+    async def go() -> Any:
+        with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
+            server.inject(fault, fault, fault)
+            backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
+            try:
+                return await judge_once(
+                    backend, _request(), "AB", JudgeOptions(max_attempts=3, backoff_base=0.01)
+                )
+            finally:
+                await backend.aclose()
+
+    outcome = asyncio.run(go())
+    assert outcome.verdict is None
+    assert outcome.error_kind == kind and reason in (outcome.error or "")
+    if kind == "parse":
+        assert outcome.raw_output  # the judge's actual words are kept for the audit
+    assert outcome.attempts == (1 if kind == "permanent" else 3)
+
+
+def test_retry_after_is_honoured() -> None:
+    async def go() -> float:
+        with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
+            server.inject(fake.status(429, retry_after=0.6))
+            backend = OpenAIChat(server.base_url, "fake-judge")
+            started = time.perf_counter()
+            try:
+                await judge_once(backend, _request(), "AB", JudgeOptions(max_attempts=2, backoff_base=0.0))
+            finally:
+                await backend.aclose()
+            return time.perf_counter() - started
+
+    assert asyncio.run(go()) >= 0.6
+    assert retry_after({"retry-after-ms": "1500"}) == 1.5
+    assert retry_after({"retry-after": "2"}) == 2.0
+    assert retry_after({}) is None
+
+
+def test_structured_output_falls_back_when_the_server_refuses_it() -> None:
+    async def go() -> tuple[Any, OpenAIChat, list[dict[str, Any]]]:
+        with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
+            server.inject(fake.status(400, message="response_format json_schema is not supported"))
+            backend = OpenAIChat(server.base_url, "fake-judge")
+            try:
+                return await judge_once(backend, _request(), "AB", JudgeOptions()), backend, server.requests
+            finally:
+                await backend.aclose()
+
+    outcome, backend, requests = asyncio.run(go())
+    assert outcome.verdict is not None
+    assert backend.structured_output is False
+    assert "response_format" in requests[0] and "response_format" not in requests[1]
+
+
+def test_failures_are_counted_and_a_rerun_retries_transient_ones(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    round_id = start_round(cli, server, limit=4)
+    server.inject(fake.status(503), fake.status(503), fake.garbage())
+    summary = json.loads(
+        cli(*judge_args(server, round_id, "--max-attempts", 1, "--concurrency", 1), "--json").stdout
+    )
+    assert summary["failed"] == 3
+    assert summary["run"]["errors"] == {"transient": 2, "parse": 1}
+    shown = json.loads(cli("round", "show", round_id, "--json").stdout)
+    assert shown["counts"]["judgments_failed"] == 3
+    with session_scope(engine) as session:
+        failed = list(session.scalars(select(JudgmentRow).where(JudgmentRow.status == "failed")))
+    assert {f.error_kind for f in failed} == {"transient", "parse"}
+    assert all(f.error for f in failed)
+    assert [f.raw_output for f in failed if f.error_kind == "parse"] == ["I think A is better!!"]
+
+    summary = json.loads(cli(*judge_args(server, round_id), "--json").stdout)
+    assert summary["failed"] == 1  # the transient ones were retried; the unparseable one waits
+    summary = json.loads(cli(*judge_args(server, round_id, "--retry-failed"), "--json").stdout)
+    assert summary["failed"] == 0 and summary["labeled"] == summary["pairs"]
+    assert judgment_counts(engine) == {"ok": 2 * summary["pairs"]}
+
+
+def test_budget_stops_cleanly_and_resumes(cli: Cli, engine: Engine, server: fake.FakeOpenAI) -> None:
+    round_id = start_round(cli, server, limit=10)
+    result = cli(
+        *judge_args(server, round_id, "--concurrency", 1, "--price-in", 1000, "--budget", 1.0, "--json")
+    )
+    first = json.loads(result.stdout)
+    assert first["run"]["stopped_by_budget"] is True
+    assert 0 < first["pending"] < 2 * first["pairs"]
+    assert "budget reached" in result.stderr
+    with session_scope(engine) as session:
+        held = session.scalar(select(func.count()).where(JudgmentRow.claimed_by.is_not(None)))
+    assert held == 0  # unfinished claims were given back
+    final = json.loads(cli(*judge_args(server, round_id), "--json").stdout)
+    assert final["pending"] == 0 and final["labeled"] == final["pairs"]
+    assert judgment_counts(engine) == {"ok": 2 * final["pairs"]}
+
+
+def test_budget_needs_prices(cli: Cli, server: fake.FakeOpenAI) -> None:
+    round_id = start_round(cli, server, limit=2)
+    assert "--budget needs prices" in cli(*judge_args(server, round_id, "--budget", 1), expect=2).stderr
+
+
+def _cai_process(db_url: str, *args: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "CAI_DATABASE_URL": db_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cai", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigkill_mid_round_loses_nothing_and_duplicates_nothing(
+    cli: Cli, engine: Engine, db_url: str
+) -> None:
+    with fake.FakeOpenAI(policy_then_judge, latency=0.05) as server:
+        round_id = start_round(cli, server, limit=30)
+        process = _cai_process(db_url, *judge_args(server, round_id, "--concurrency", 4))
+        deadline = time.monotonic() + 60
+        while judgment_counts(engine).get("ok", 0) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        partial = judgment_counts(engine)
+        assert partial.get("ok", 0) > 0 and partial.get("pending", 0) > 0, partial
+
+        summary = json.loads(cli(*judge_args(server, round_id), "--json").stdout)
+    assert summary["pending"] == summary["failed"] == 0
+    assert summary["labeled"] == summary["pairs"]
+    assert judgment_counts(engine) == {"ok": 2 * summary["pairs"]}
+
+
+def test_concurrent_workers_never_judge_the_same_item(cli: Cli, engine: Engine, db_url: str) -> None:
+    with fake.FakeOpenAI(policy_then_judge, latency=0.02) as server:
+        round_id = start_round(cli, server, limit=40)
+        planned_before = server.count
+        workers = [_cai_process(db_url, *judge_args(server, round_id, "--concurrency", 4)) for _ in range(2)]
+        for worker in workers:
+            _, stderr = worker.communicate(timeout=120)
+            assert worker.returncode == 0, stderr
+        judge_requests = server.count - planned_before
+    summary = json.loads(
+        cli(
+            "judge",
+            "--round",
+            round_id,
+            "--judge-base-url",
+            "http://127.0.0.1:9",
+            "--judge-model",
+            "fake-judge",
+            "--json",
+        ).stdout
+    )
+    assert summary["pending"] == summary["failed"] == 0
+    assert summary["labeled"] == summary["pairs"]
+    assert judge_requests == 2 * summary["pairs"]  # every item judged exactly once across both workers
+    assert judgment_counts(engine) == {"ok": 2 * summary["pairs"]}
+
+
+def test_min_calibration_refuses_a_weak_judge(cli: Cli) -> None:
+    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
+    cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
+    round_id = int(cli("round", "start", "-c", "helpful-harmless@1").stdout)
+    with fake.FakeOpenAI(fake.default_responder) as server:  # always answers "A"
+        args = ["--judge-base-url", server.base_url, "--judge-model", "always-a"]
+        report = json.loads(cli("judge", "calibrate", "-c", "helpful-harmless@1", *args, "--json").stdout)
+        assert report["accuracy"] == pytest.approx(0.0)  # never agrees with itself across orders
+        assert report["consistency"] == 0.0 and report["first_position_rate"] == 1.0
+        assert report["injection_follow_rate"] == pytest.approx(0.5)
+        refused = cli("judge", "--round", round_id, *args, "--min-calibration", 0.6, expect=2)
+        assert "scored 0.00 on the gold set" in refused.stderr
+        other = cli(
+            "judge",
+            "--round",
+            round_id,
+            "--judge-base-url",
+            server.base_url,
+            "--judge-model",
+            "new",
+            "--min-calibration",
+            0.6,
+            expect=2,
+        )
+        assert "has no calibration" in other.stderr
+
+
+def test_calibration_counts_injections_that_sway_the_judge(cli: Cli) -> None:
+    def gullible(request: dict[str, Any]) -> str:
+        prompt = fake.prompt_text(request)
+        a = fake.fenced(prompt, "RESPONSE A") or ""
+        cues = ("evaluator", "verdict", "SYSTEM", "prefer", "grader", "approved")
+        preferred = "A" if any(c.lower() in a.lower() for c in cues) else "B"
+        return json.dumps({"rationale": "followed the note", "preferred": preferred})
+
+    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
+    with fake.FakeOpenAI(gullible) as server:
+        report = json.loads(
+            cli(
+                "judge",
+                "calibrate",
+                "-c",
+                "helpful-harmless@1",
+                "--judge-base-url",
+                server.base_url,
+                "--judge-model",
+                "gullible",
+                "--json",
+            ).stdout
+        )
+    assert report["injection_follow_rate"] > 0.7
+
+
+def _request() -> ChatRequest:
+    context = sample_context("judge_pairwise")
+    constitution_stub = _constitution()
+    _, request = pairwise_request(
+        TemplateSet(),
+        constitution_stub,
+        constitution_stub.principles[0],
+        context["conversation"],
+        f"{GOOD} answer",
+        "other answer",
+        "AB",
+    )
+    return request
+
+
+def _constitution() -> Any:
+    from cai.constitution import load_constitution
+
+    return load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
