@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -124,38 +125,57 @@ class JudgeRun:
         self._results: list[work.JudgmentResult] = []
 
     async def run(self) -> RunStats:
+        """Judge until nothing is left to claim (or the budget is spent). Claims and writes run
+        in background threads so that judge requests never wait on the database."""
         started = time.perf_counter()
         options = self.options
         buffer: list[work.WorkItem] = []
-        in_flight: set[asyncio.Task[tuple[work.WorkItem, Outcome, str]]] = set()
+        # Futures of three kinds share one wait: judge calls, a claim, a write.
+        in_flight: set[asyncio.Future[Any]] = set()
+        claiming: asyncio.Future[Any] | None = None
+        flushing: asyncio.Future[Any] | None = None
         exhausted = stopping = False
         last_flush = time.perf_counter()
         try:
             while True:
-                if not (exhausted or stopping) and len(buffer) < options.concurrency:
-                    claimed = await asyncio.to_thread(self._claim, 2 * options.concurrency - len(buffer))
-                    exhausted = not claimed
+                if claiming is None and not (exhausted or stopping) and len(buffer) < options.concurrency:
+                    claiming = asyncio.ensure_future(
+                        asyncio.to_thread(self._claim, 2 * options.concurrency - len(buffer))
+                    )
+                if claiming is not None and claiming.done():
+                    claimed = claiming.result()
+                    claiming, exhausted = None, not claimed
                     buffer += claimed
                 while buffer and not stopping and len(in_flight) < options.concurrency:
-                    in_flight.add(asyncio.create_task(self._judge(buffer.pop(0))))
-                if not in_flight:
+                    in_flight.add(asyncio.ensure_future(self._judge(buffer.pop(0))))
+                if not in_flight and claiming is None and (not buffer or stopping):
                     break
-                done, in_flight = await asyncio.wait(
-                    in_flight, timeout=options.flush_every_s, return_when=asyncio.FIRST_COMPLETED
+                waiting = set(in_flight) | ({claiming} if claiming is not None else set())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=options.flush_every_s, return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in done:
+                for task in done & in_flight:
+                    in_flight.discard(task)
                     self._collect(*task.result())
                 if options.budget_usd is not None and self.stats.spent_usd >= options.budget_usd:
                     stopping = self.stats.stopped_by_budget = True
-                if self._results and (
-                    len(self._results) >= 64 or time.perf_counter() - last_flush >= options.flush_every_s
-                ):
-                    await asyncio.to_thread(self._flush)
+                if flushing is not None and flushing.done():
+                    flushing.result()  # surface a failed write
+                    flushing = None
+                due = len(self._results) >= 64 or time.perf_counter() - last_flush >= options.flush_every_s
+                if flushing is None and self._results and due:
+                    batch, self._results = self._results, []
+                    flushing = asyncio.ensure_future(asyncio.to_thread(self._write, batch))
                     last_flush = time.perf_counter()
         finally:
             for task in in_flight:
                 task.cancel()
-            await asyncio.to_thread(self._flush)
+            if flushing is not None:
+                await flushing
+            if claiming is not None:
+                await asyncio.gather(claiming, return_exceptions=True)
+            batch, self._results = self._results, []
+            await asyncio.to_thread(self._write, batch)
             await asyncio.to_thread(self._release)
         self.stats.wall_s = time.perf_counter() - started
         return self.stats
@@ -207,8 +227,7 @@ class JudgeRun:
         with session_scope(self.engine) as session:
             return work.claim(session, self.round_id, self.judge_id, self.worker, n, self.options.lease_s)
 
-    def _flush(self) -> None:
-        results, self._results = self._results, []
+    def _write(self, results: list[work.JudgmentResult]) -> None:
         if results:
             with session_scope(self.engine) as session:
                 work.record(session, self.worker, results)

@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
 
+import openai
+
 Responder = Callable[[dict[str, Any]], str]
 
 FaultKind = Literal[
@@ -184,6 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server_version = "FakeOpenAI/1"
     server: _Server
+    _admitted = False  # this request is counted in flight and not yet answered
 
     def setup(self) -> None:
         super().setup()
@@ -227,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._done()
 
     def _done(self) -> None:
-        if getattr(self, "_admitted", False):
+        if self._admitted:
             self._admitted = False
             self.server.fake._leave()
 
@@ -338,7 +341,11 @@ class FakeOpenAI:
         self._closing.clear()
         self._server = _Server(self)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-openai", daemon=True
+            # A short poll keeps close() (which waits for the loop to notice) at ~10 ms.
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name="fake-openai",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -379,6 +386,23 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        """A real SDK client for this server; defaults: no retries, no CA bundle loaded."""
+        kwargs.setdefault("api_key", "test")
+        kwargs.setdefault("max_retries", 0)
+        if "http_client" not in kwargs:
+            # verify=False only skips loading certifi (~50 ms a client); the URL is plain http.
+            kwargs["http_client"] = openai.DefaultHttpxClient(verify=False)
+        return openai.OpenAI(base_url=self.base_url, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        """The AsyncOpenAI counterpart of `client()`."""
+        kwargs.setdefault("api_key", "test")
+        kwargs.setdefault("max_retries", 0)
+        if "http_client" not in kwargs:
+            kwargs["http_client"] = openai.DefaultAsyncHttpxClient(verify=False)
+        return openai.AsyncOpenAI(base_url=self.base_url, **kwargs)
 
     # -- faults and instrumentation
 

@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from cai.constitution import Constitution, Principle
 from cai.templates import TemplateSet, pairwise_context, single_context
@@ -35,7 +35,7 @@ from tests.fake_openai import (
 )
 
 VERDICT = default_responder({})
-MESSAGES = [{"role": "user", "content": "Which response is better?"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Which response is better?"}]
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -45,11 +45,10 @@ async def _awaited(awaitable: Any) -> Any:
 class Sdk:
     """One real SDK client, sync or async, behind a blocking interface; no SDK retries."""
 
-    def __init__(self, mode: str, base_url: str) -> None:
+    def __init__(self, mode: str, server: FakeOpenAI) -> None:
         self.mode = mode
         self.runner = asyncio.Runner()
-        kwargs: dict[str, Any] = {"base_url": base_url, "api_key": "test", "max_retries": 0, "timeout": 5.0}
-        self.client: OpenAI | AsyncOpenAI = OpenAI(**kwargs) if mode == "sync" else AsyncOpenAI(**kwargs)
+        self.client = server.client(timeout=5.0) if mode == "sync" else server.async_client(timeout=5.0)
 
     def call(self, fn: Callable[[Any], Any]) -> Any:
         result = fn(self.client)
@@ -73,7 +72,7 @@ def server() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(params=["sync", "async"])
 def sdk(request: pytest.FixtureRequest, server: FakeOpenAI) -> Iterator[Sdk]:
-    client = Sdk(request.param, server.base_url)
+    client = Sdk(request.param, server)
     yield client
     client.close()
 
@@ -111,6 +110,7 @@ def test_models_lists_the_configured_model(sdk: Sdk) -> None:
 
 
 def test_model_name_is_configurable() -> None:
+    # Built the way cai's judge builds its client: plain constructor, default HTTP client.
     with FakeOpenAI(model="judge-x") as fake, OpenAI(base_url=fake.base_url, api_key="t", max_retries=0) as c:
         assert [m.id for m in c.models.list().data] == ["judge-x"]
 
@@ -289,7 +289,7 @@ def test_a_raising_responder_is_a_500_and_recorded() -> None:
     def broken(request: dict[str, Any]) -> str:
         raise KeyError("oops")
 
-    with FakeOpenAI(broken) as fake, OpenAI(base_url=fake.base_url, api_key="t", max_retries=0) as c:
+    with FakeOpenAI(broken) as fake, fake.client() as c:
         with pytest.raises(openai.InternalServerError, match="responder raised KeyError"):
             c.chat.completions.create(model="m", messages=MESSAGES)
         assert [type(e) for e in fake.errors] == [KeyError]
@@ -298,22 +298,24 @@ def test_a_raising_responder_is_a_500_and_recorded() -> None:
 # -- concurrency, instrumentation, shutdown
 
 
-@pytest.mark.parametrize("n", [16, 64])
-def test_latency_does_not_serialise_concurrent_requests(n: int) -> None:
+# The peak bound is loose for 64: the SDK spends ~3 ms of client CPU per request, so on a slow
+# machine the last requests start after the first ones finish.
+@pytest.mark.parametrize(("n", "peak"), [(16, 8), (64, 16)])
+def test_latency_does_not_serialise_concurrent_requests(n: int, peak: int) -> None:
     latency = 0.2
 
-    async def burst(base_url: str) -> list[ChatCompletion]:
-        async with AsyncOpenAI(base_url=base_url, api_key="t", max_retries=0) as client:
+    async def burst(fake: FakeOpenAI) -> list[ChatCompletion]:
+        async with AsyncOpenAI(base_url=fake.base_url, api_key="t", max_retries=0) as client:
             calls = [client.chat.completions.create(model="m", messages=MESSAGES) for _ in range(n)]
             return await asyncio.gather(*calls)
 
     with FakeOpenAI(latency=latency) as fake:
         start = time.monotonic()
-        completions = asyncio.run(burst(fake.base_url))
+        completions = asyncio.run(burst(fake))
         wall = time.monotonic() - start
         assert len(completions) == n and fake.count == n
         assert wall < (n / 2) * latency, f"{n} requests took {wall:.2f}s"
-        assert fake.max_in_flight >= n // 2
+        assert fake.max_in_flight >= peak
         assert fake.in_flight == 0
 
 
@@ -328,7 +330,7 @@ def test_reset_stats(server: FakeOpenAI, sdk: Sdk) -> None:
 
 
 def test_requests_are_recorded_from_many_threads(server: FakeOpenAI) -> None:
-    with OpenAI(base_url=server.base_url, api_key="t", max_retries=0) as client:
+    with server.client() as client:
         threads = [
             threading.Thread(
                 target=lambda i=i: client.chat.completions.create(model="m", messages=MESSAGES, seed=i)
@@ -344,7 +346,7 @@ def test_requests_are_recorded_from_many_threads(server: FakeOpenAI) -> None:
 
 def test_close_is_prompt_with_idle_connections_and_stalled_requests() -> None:
     fake = FakeOpenAI().start()
-    client = OpenAI(base_url=fake.base_url, api_key="t", max_retries=0, timeout=30.0)
+    client = fake.client(timeout=30.0)
     client.chat.completions.create(model="m", messages=MESSAGES)  # leaves a keep-alive connection open
     fake.inject(sleep(30.0))
     outcome: list[BaseException] = []
@@ -357,7 +359,8 @@ def test_close_is_prompt_with_idle_connections_and_stalled_requests() -> None:
 
     thread = threading.Thread(target=stalled)
     thread.start()
-    while fake.in_flight == 0:
+    deadline = time.monotonic() + 5
+    while fake.in_flight == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     start = time.monotonic()
     fake.close()
@@ -388,7 +391,7 @@ def test_prefer_marker_reads_the_rendered_judge_prompt(
     response_a: str, response_b: str, preferred: str
 ) -> None:
     with FakeOpenAI(prefer_marker("MARK")) as fake:
-        sdk = Sdk("sync", fake.base_url)
+        sdk = Sdk("sync", fake)
         prompt = pairwise_prompt(response_a, response_b, question="Say MARK if you like.")
         content = sdk.create(messages=[{"role": "user", "content": prompt}]).choices[0].message.content
         sdk.close()
@@ -400,7 +403,7 @@ def test_prefer_marker_reads_the_rendered_judge_prompt(
 def test_prefer_marker_without_fences_is_a_loud_500() -> None:
     with (
         FakeOpenAI(prefer_marker("MARK")) as fake,
-        OpenAI(base_url=fake.base_url, api_key="t", max_retries=0) as c,
+        fake.client() as c,
         pytest.raises(openai.InternalServerError, match="no RESPONSE A/B fences"),
     ):
         c.chat.completions.create(model="m", messages=MESSAGES)
@@ -410,7 +413,7 @@ def test_score_by_length_follows_the_prompted_scale() -> None:
     short, long = "About 384,000 km.", " ".join(["word"] * 40)
     with (
         FakeOpenAI(score_by_length()) as fake,
-        OpenAI(base_url=fake.base_url, api_key="t", max_retries=0) as c,
+        fake.client() as c,
     ):
         scores = []
         for response in (short, long):
@@ -423,7 +426,7 @@ def test_score_by_length_follows_the_prompted_scale() -> None:
 def test_revise_responder_revises_the_fenced_response() -> None:
     with (
         FakeOpenAI(revise_responder) as fake,
-        OpenAI(base_url=fake.base_url, api_key="t", max_retries=0) as c,
+        fake.client() as c,
     ):
         prompt = single_prompt("revision", "It is about 38,000 km away.")
         content = c.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}])
