@@ -15,7 +15,7 @@ from cai.backends.base import ChatBackend
 from cai.constitution import Constitution, read_utf8
 from cai.errors import BadInput
 from cai.judge import ORDERS, Verdict, aggregate_pairwise, pairwise_request
-from cai.judging import JudgeOptions, judge_once
+from cai.judging import JudgeOptions, judge_once, pairwise_parser
 from cai.resources import data_dir
 from cai.templates import TemplateSet
 
@@ -95,7 +95,8 @@ async def _judge_pair(
     verdicts = []
     for order in ORDERS:
         _, request = pairwise_request(templates, constitution, principle, conversation, a, b, order)
-        verdicts.append((await judge_once(backend, request, order, options)).verdict)
+        parsed = (await judge_once(backend, request, pairwise_parser(order), options)).parsed
+        verdicts.append(parsed if isinstance(parsed, Verdict) else None)
     return verdicts[0], verdicts[1]
 
 

@@ -1,5 +1,6 @@
-"""Judge requests and verdicts, as pure functions: render a request for one pair in one order,
-parse the judge's reply leniently, un-swap it, and aggregate both orders into a label."""
+"""Judge requests and verdicts, as pure functions: render a request (a pair in one order, or one
+response to score or revise), parse the judge's reply leniently into a typed result, un-swap
+pairwise verdicts, and aggregate both orders into a label."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any
 
 from cai.backends.base import ChatRequest
 from cai.constitution import Constitution, Principle
-from cai.templates import Rendered, TemplateSet, pairwise_context
+from cai.templates import Rendered, TemplateSet, pairwise_context, single_context
 
 ORDERS = ("AB", "BA")
 VERDICTS = ("A", "B", "tie")
+MODES = ("pairwise", "score", "revise")
+SCORE_SCALE = (1, 10)
 
 PAIRWISE_SCHEMA: dict[str, Any] = {
     "name": "pairwise_verdict",
@@ -30,6 +33,29 @@ PAIRWISE_SCHEMA: dict[str, Any] = {
 }
 
 
+SCORE_SCHEMA: dict[str, Any] = {
+    "name": "score_verdict",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"rationale": {"type": "string"}, "score": {"type": "integer"}},
+        "required": ["rationale", "score"],
+        "additionalProperties": False,
+    },
+}
+
+REVISE_SCHEMA: dict[str, Any] = {
+    "name": "critique_and_revision",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"critique": {"type": "string"}, "revision": {"type": "string"}},
+        "required": ["critique", "revision"],
+        "additionalProperties": False,
+    },
+}
+
+
 class ParseError(ValueError):
     """The judge's reply is not a verdict; the message says why (stored with the raw text)."""
 
@@ -41,6 +67,31 @@ class Verdict:
     rationale: str
     confidence: float | None = None
     """Probability the judge gave its choice, when the backend can read it."""
+
+    def columns(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "rationale": self.rationale, "confidence": self.confidence}
+
+
+@dataclass(frozen=True)
+class Score:
+    score: int
+    rationale: str
+
+    def columns(self) -> dict[str, Any]:
+        return {"score": float(self.score), "rationale": self.rationale}
+
+
+@dataclass(frozen=True)
+class Revision:
+    critique: str
+    revision: str
+
+    def columns(self) -> dict[str, Any]:
+        # The revision itself becomes a response row; the judgment keeps the critique.
+        return {"rationale": self.critique}
+
+
+Parsed = Verdict | Score | Revision
 
 
 @dataclass(frozen=True)
@@ -72,6 +123,43 @@ def pairwise_request(
         json_schema=PAIRWISE_SCHEMA,
         choice_field="preferred",
         choices=VERDICTS,
+    )
+    return rendered, request
+
+
+def score_request(
+    templates: TemplateSet,
+    constitution: Constitution,
+    principle: Principle,
+    conversation: list[dict[str, str]],
+    response: str,
+    max_tokens: int = 384,
+) -> tuple[Rendered, ChatRequest]:
+    low, high = SCORE_SCALE
+    context = single_context(constitution, principle, conversation, response, scale_min=low, scale_max=high)
+    rendered = templates.render("judge_score", **context)
+    request = ChatRequest(
+        messages=[{"role": "user", "content": rendered.text}],
+        max_tokens=max_tokens,
+        json_schema=SCORE_SCHEMA,
+    )
+    return rendered, request
+
+
+def revise_request(
+    templates: TemplateSet,
+    constitution: Constitution,
+    principle: Principle,
+    conversation: list[dict[str, str]],
+    response: str,
+    max_tokens: int = 768,
+) -> tuple[Rendered, ChatRequest]:
+    context = single_context(constitution, principle, conversation, response)
+    rendered = templates.render("revision", **context)
+    request = ChatRequest(
+        messages=[{"role": "user", "content": rendered.text}],
+        max_tokens=max_tokens,
+        json_schema=REVISE_SCHEMA,
     )
     return rendered, request
 
@@ -131,6 +219,31 @@ def parse_pairwise(text: str, order: str, choice_probs: dict[str, float] | None 
         raise ParseError("'rationale' is not a string")
     confidence = choice_probs.get(normalised) if choice_probs else None
     return Verdict(unswap(normalised, order), rationale.strip(), confidence)
+
+
+def parse_score(text: str, scale: tuple[int, int] = SCORE_SCALE) -> Score:
+    data = extract_json(text)
+    score = data.get("score")
+    if isinstance(score, str) and score.strip().lstrip("-").isdigit():
+        score = int(score)
+    if isinstance(score, float) and score.is_integer():
+        score = int(score)
+    if not isinstance(score, int) or isinstance(score, bool):
+        raise ParseError(f"'score' is {score!r}; expected an integer")
+    if not scale[0] <= score <= scale[1]:
+        raise ParseError(f"'score' {score} is outside the rubric's range {scale[0]}..{scale[1]}")
+    rationale = data.get("rationale", "")
+    return Score(score, rationale.strip() if isinstance(rationale, str) else str(rationale))
+
+
+def parse_revision(text: str, original: str) -> Revision:
+    data = extract_json(text)
+    revision, critique = data.get("revision"), data.get("critique", "")
+    if not isinstance(revision, str) or not revision.strip():
+        raise ParseError("'revision' is missing or empty")
+    if " ".join(revision.split()) == " ".join(original.split()):
+        raise ParseError("the revision is identical to the original")
+    return Revision(critique.strip() if isinstance(critique, str) else "", revision.strip())
 
 
 def unswap(verdict: str, order: str) -> str:

@@ -13,9 +13,18 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from cai.backends.base import ChatBackend, ChatRequest, PermanentError, TransientError
+from cai.backends.base import ChatBackend, ChatRequest, ChatResult, PermanentError, TransientError
 from cai.constitution import Constitution
-from cai.judge import ParseError, Verdict, pairwise_request, parse_pairwise
+from cai.judge import (
+    Parsed,
+    ParseError,
+    pairwise_request,
+    parse_pairwise,
+    parse_revision,
+    parse_score,
+    revise_request,
+    score_request,
+)
 from cai.store import work
 from cai.store.db import session_scope
 from cai.templates import TemplateSet
@@ -52,11 +61,18 @@ class JudgeOptions:
         return delay * (0.5 + random.random() / 2)  # jitter: many workers must not retry in step
 
 
+Parser = Callable[[ChatResult], Parsed]
+
+
+def pairwise_parser(order: str) -> Parser:
+    return lambda result: parse_pairwise(result.text, order, result.choice_probs)
+
+
 @dataclass
 class Outcome:
     """What one item came to after all its attempts."""
 
-    verdict: Verdict | None
+    parsed: Parsed | None
     attempts: int
     raw_output: str | None = None
     error: str | None = None
@@ -67,10 +83,10 @@ class Outcome:
 
 
 async def judge_once(
-    backend: ChatBackend, request: ChatRequest, order: str, options: JudgeOptions
+    backend: ChatBackend, request: ChatRequest, parse: Parser, options: JudgeOptions
 ) -> Outcome:
-    """Ask until a verdict parses or the attempts run out; never raises for a bad reply."""
-    outcome = Outcome(verdict=None, attempts=0)
+    """Ask until the reply parses or the attempts run out; never raises for a bad reply."""
+    outcome = Outcome(parsed=None, attempts=0)
     while outcome.attempts < options.max_attempts:
         outcome.attempts += 1
         started = time.perf_counter()
@@ -89,7 +105,7 @@ async def judge_once(
         outcome.completion_tokens += result.completion_tokens or 0
         outcome.raw_output = result.text
         try:
-            outcome.verdict = parse_pairwise(result.text, order, result.choice_probs)
+            outcome.parsed = parse(result)
         except ParseError as exc:
             outcome.error, outcome.error_kind = str(exc), "parse"
             continue
@@ -118,6 +134,8 @@ class JudgeRun:
     templates: TemplateSet
     options: JudgeOptions
     on_result: Callable[[RunStats], None] | None = None
+    mode: str = "pairwise"
+    """How to judge single-response items (score or revise); pair items are always pairwise."""
 
     def __post_init__(self) -> None:
         self.worker = work.worker_id()
@@ -182,23 +200,30 @@ class JudgeRun:
 
     async def _judge(self, item: work.WorkItem) -> tuple[work.WorkItem, Outcome, str]:
         principle = self.constitution.principle(item.principle_key)
-        rendered, request = pairwise_request(
-            self.templates,
-            self.constitution,
-            principle,
-            item.conversation,
-            item.response_a,
-            item.response_b,
-            item.order,
-            max_tokens=self.options.max_tokens,
-        )
-        outcome = await judge_once(self.backend, request, item.order, self.options)
+        args = (self.templates, self.constitution, principle, item.conversation)
+        parse: Parser
+        if item.pair_id is not None:
+            assert item.response_a is not None and item.response_b is not None
+            rendered, request = pairwise_request(
+                *args, item.response_a, item.response_b, item.order, max_tokens=self.options.max_tokens
+            )
+            parse = pairwise_parser(item.order)
+        elif self.mode == "score":
+            assert item.response is not None
+            rendered, request = score_request(*args, item.response, max_tokens=self.options.max_tokens)
+            parse = lambda result: parse_score(result.text)  # noqa: E731
+        else:
+            original = item.response
+            assert original is not None
+            rendered, request = revise_request(*args, original, max_tokens=2 * self.options.max_tokens)
+            parse = lambda result: parse_revision(result.text, original)  # noqa: E731
+        outcome = await judge_once(self.backend, request, parse, self.options)
         return item, outcome, rendered.request_sha256
 
     def _collect(self, item: work.WorkItem, outcome: Outcome, request_sha256: str) -> None:
         cost = self.options.cost(outcome.prompt_tokens, outcome.completion_tokens)
         self.stats.spent_usd += cost or 0.0
-        if outcome.verdict is not None:
+        if outcome.parsed is not None:
             self.stats.judged += 1
         else:
             self.stats.failed += 1
@@ -207,11 +232,11 @@ class JudgeRun:
         self._results.append(
             work.JudgmentResult(
                 judgment_id=item.judgment_id,
-                status="ok" if outcome.verdict is not None else "failed",
+                status="ok" if outcome.parsed is not None else "failed",
                 attempts=outcome.attempts,
                 raw_output=outcome.raw_output,
                 request_sha256=request_sha256,
-                verdict=outcome.verdict,
+                parsed=outcome.parsed,
                 error=outcome.error,
                 error_kind=outcome.error_kind,
                 latency_ms=outcome.latency_ms,

@@ -20,8 +20,8 @@ from sqlalchemy import Engine, func, select
 
 from cai.backends.base import ChatRequest
 from cai.backends.openai_compat import OpenAIChat, retry_after
-from cai.judge import pairwise_request
-from cai.judging import JudgeOptions, judge_once
+from cai.judge import Verdict, pairwise_request
+from cai.judging import JudgeOptions, judge_once, pairwise_parser
 from cai.store.db import session_scope
 from cai.store.models import JudgmentRow, LabelRow, PairRow, ResponseRow
 from cai.templates import TemplateSet, sample_context
@@ -188,13 +188,16 @@ def test_each_fault_is_retried_then_succeeds(fault: fake.Fault) -> None:
             backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
             try:
                 return await judge_once(
-                    backend, _request(), "AB", JudgeOptions(max_attempts=3, backoff_base=0.01)
+                    backend,
+                    _request(),
+                    pairwise_parser("AB"),
+                    JudgeOptions(max_attempts=3, backoff_base=0.01),
                 )
             finally:
                 await backend.aclose()
 
     outcome = asyncio.run(go())
-    assert outcome.verdict is not None and outcome.verdict.verdict == "A"
+    assert isinstance(outcome.parsed, Verdict) and outcome.parsed.verdict == "A"
     assert outcome.attempts == 2
 
 
@@ -216,13 +219,16 @@ def test_exhausted_retries_are_recorded_with_reason_and_raw_text(
             backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
             try:
                 return await judge_once(
-                    backend, _request(), "AB", JudgeOptions(max_attempts=3, backoff_base=0.01)
+                    backend,
+                    _request(),
+                    pairwise_parser("AB"),
+                    JudgeOptions(max_attempts=3, backoff_base=0.01),
                 )
             finally:
                 await backend.aclose()
 
     outcome = asyncio.run(go())
-    assert outcome.verdict is None
+    assert outcome.parsed is None
     assert outcome.error_kind == kind and reason in (outcome.error or "")
     if kind == "parse":
         assert outcome.raw_output  # the judge's actual words are kept for the audit
@@ -236,7 +242,9 @@ def test_retry_after_is_honoured() -> None:
             backend = OpenAIChat(server.base_url, "fake-judge")
             started = time.perf_counter()
             try:
-                await judge_once(backend, _request(), "AB", JudgeOptions(max_attempts=2, backoff_base=0.0))
+                await judge_once(
+                    backend, _request(), pairwise_parser("AB"), JudgeOptions(max_attempts=2, backoff_base=0.0)
+                )
             finally:
                 await backend.aclose()
             return time.perf_counter() - started
@@ -253,12 +261,16 @@ def test_structured_output_falls_back_when_the_server_refuses_it() -> None:
             server.inject(fake.status(400, message="response_format json_schema is not supported"))
             backend = OpenAIChat(server.base_url, "fake-judge")
             try:
-                return await judge_once(backend, _request(), "AB", JudgeOptions()), backend, server.requests
+                return (
+                    await judge_once(backend, _request(), pairwise_parser("AB"), JudgeOptions()),
+                    backend,
+                    server.requests,
+                )
             finally:
                 await backend.aclose()
 
     outcome, backend, requests = asyncio.run(go())
-    assert outcome.verdict is not None
+    assert outcome.parsed is not None
     assert backend.structured_output is False
     assert "response_format" in requests[0] and "response_format" not in requests[1]
 
@@ -440,3 +452,66 @@ def _constitution() -> Any:
     from cai.constitution import load_constitution
 
     return load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
+
+
+def every_mode(request: dict[str, Any]) -> str:
+    """One server for all modes: scores favour GOOD, pairwise favours revisions, then GOOD."""
+    prompt = fake.prompt_text(request)
+    if "Revision request:" in prompt:
+        return fake.revise_responder(request)
+    if "<<<RESPONSE A " in prompt:
+        a, b = fake.fenced(prompt, "RESPONSE A") or "", fake.fenced(prompt, "RESPONSE B") or ""
+        if "[revised]" in a + b:
+            preferred = "A" if "[revised]" in a else "B"
+            return json.dumps({"rationale": "the revision is better", "preferred": preferred})
+        return fake.prefer_marker(GOOD)(request)
+    if "<<<RESPONSE " in prompt:
+        response = fake.fenced(prompt, "RESPONSE") or ""
+        return json.dumps({"rationale": "scored", "score": 9 if GOOD in response else 3})
+    return policy_then_judge(request)
+
+
+def test_score_mode_labels_best_against_worst_and_drops_ties(cli: Cli, engine: Engine) -> None:
+    with fake.FakeOpenAI(every_mode) as server:
+        round_id = start_round(cli, server, limit=12)
+        summary = json.loads(cli(*judge_args(server, round_id, "--mode", "score"), "--json").stdout)
+        requests = server.count
+        again = json.loads(cli(*judge_args(server, round_id, "--mode", "score"), "--json").stdout)
+        assert server.count == requests and again["labeled"] == summary["labeled"]
+    with session_scope(engine) as session:
+        texts = dict(session.execute(select(ResponseRow.id, ResponseRow.text)).all())
+        by_prompt: dict[int, list[str]] = {}
+        for prompt_id, text in session.execute(select(ResponseRow.prompt_id, ResponseRow.text)):
+            by_prompt.setdefault(prompt_id, []).append(text)
+        scores = session.scalars(select(JudgmentRow.score).where(JudgmentRow.response_id.is_not(None))).all()
+        labels = list(session.scalars(select(LabelRow)))
+    assert len(scores) == len(texts) and set(scores) <= {3.0, 9.0}
+    separable = sum(1 for group in by_prompt.values() if len({GOOD in t for t in group}) == 2)
+    assert summary["labeled"] == len(labels) == separable > 0  # equal scores are dropped
+    for label in labels:
+        assert GOOD in texts[label.chosen_response_id] and GOOD not in texts[label.rejected_response_id]
+        assert label.confidence == pytest.approx((9 - 3) / 9)
+
+
+def test_revise_mode_keeps_revisions_both_orders_prefer(cli: Cli, engine: Engine) -> None:
+    with fake.FakeOpenAI(every_mode) as server:
+        round_id = start_round(cli, server, limit=5)
+        summary = json.loads(cli(*judge_args(server, round_id, "--mode", "revise"), "--json").stdout)
+        requests = server.count
+        cli(*judge_args(server, round_id, "--mode", "revise"))
+        assert server.count == requests  # rerun: nothing revised or judged twice
+    with session_scope(engine) as session:
+        revisions = list(session.scalars(select(ResponseRow).where(ResponseRow.origin == "revision")))
+        originals = {
+            r.id: r for r in session.scalars(select(ResponseRow).where(ResponseRow.origin == "sample"))
+        }
+        pairs = list(session.scalars(select(PairRow).where(PairRow.kind == "revision")))
+        labels = {label.pair_id: label for label in session.scalars(select(LabelRow))}
+    assert len(revisions) == 5  # the first sample of each prompt
+    for revision in revisions:
+        assert revision.text == f"[revised] {originals[revision.revised_from_id].text}"
+    assert len(pairs) == 5
+    for pair in pairs:
+        assert pair.response_a_id in originals and labels[pair.id].verdict == "B"
+        assert labels[pair.id].chosen_response_id == pair.response_b_id
+    assert summary["pending"] == summary["failed"] == 0

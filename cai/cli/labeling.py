@@ -13,12 +13,11 @@ from cai.cli.app import JSON_OPTION, engine, err, new_app, out, print_json, sett
 from cai.registry import EMBEDDED_MODEL
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from cai.backends.base import ChatBackend
     from cai.calibrate import CalibrationReport
+    from cai.judge_round import JudgeSpec
     from cai.judging import JudgeRun, RunStats
-    from cai.store.work import JudgeConfig, JudgeSummary
+    from cai.store.work import JudgeSummary
     from cai.templates import TemplateSet
 
 EMBEDDED_JUDGE_WARNING = (
@@ -117,21 +116,16 @@ def generate(
 
 
 def _judge_setup(
-    ctx: typer.Context,
-    base_url: str | None,
-    model: str | None,
-    timeout: float,
-    template_params: dict[str, Any],
-) -> tuple[ChatBackend, JudgeConfig, TemplateSet]:
+    ctx: typer.Context, base_url: str | None, model: str | None, timeout: float, params: dict[str, Any]
+) -> tuple[ChatBackend, JudgeSpec, TemplateSet]:
     from cai.backends import make_judge
-    from cai.store.work import JudgeConfig
+    from cai.errors import BadInput
+    from cai.judge_round import JudgeSpec
     from cai.templates import TemplateSet
 
     cfg = settings(ctx)
     model = model or (None if base_url else EMBEDDED_MODEL)
     if model is None:
-        from cai.errors import BadInput
-
         raise BadInput("--judge-model (or CAI_JUDGE_MODEL) is required with --judge-base-url")
     templates = TemplateSet(cfg.templates_dir)
     backend, kind = make_judge(
@@ -143,21 +137,19 @@ def _judge_setup(
     )
     if kind == "hf" and model == EMBEDDED_MODEL:
         err.print(f"[yellow]note:[/yellow] {EMBEDDED_JUDGE_WARNING}")
-    config = JudgeConfig(
-        backend=kind,
-        model=model,
-        mode="pairwise",
-        template_sha256=templates.sha256["judge_pairwise"],
-        params=template_params,
-        base_url=base_url,
-    )
-    return backend, config, templates
+    return backend, JudgeSpec(kind, model, base_url, params), templates
 
 
 @judge_app.callback(invoke_without_command=True)
 def judge(
     ctx: typer.Context,
     round_id: int = typer.Option(None, "--round", "-r", metavar="ID", help="The round to judge."),
+    mode: str = typer.Option(
+        "pairwise",
+        "--mode",
+        help="pairwise (both orders per pair), score (best vs worst by rubric score) or revise "
+        "(critique + revision, kept when both orders prefer the revision).",
+    ),
     base_url: str = BASE_URL_OPTION,
     model: str = MODEL_OPTION,
     concurrency: int = CONCURRENCY_OPTION,
@@ -194,14 +186,13 @@ def judge(
         from cai.errors import BadInput
 
         raise BadInput("--round is required (or use a subcommand: cai judge calibrate)")
-    from cai.judging import JudgeOptions, JudgeRun
-    from cai.store import repo, work
+    from cai.judging import JudgeOptions
 
     if budget is not None and price_in is None and price_out is None:
         from cai.errors import BadInput
 
         raise BadInput("--budget needs prices: --price-in/--price-out (USD per million tokens)")
-    backend, config, templates = _judge_setup(
+    backend, spec, templates = _judge_setup(
         ctx, base_url, model, timeout, {"max_tokens": max_tokens, "temperature": 0.0}
     )
     options = JudgeOptions(
@@ -213,47 +204,28 @@ def judge(
         retry_failed=retry_failed,
         max_tokens=max_tokens,
     )
+    from cai.judge_round import RoundJudgement, judge_round
+
     store = engine(ctx)
-    with transaction(ctx) as session:
-        work.lock_round(session, round_id)  # concurrent workers plan one at a time
-        round_ = repo.get_round(session, round_id)
-        name, version = round_.constitution.split("@")
-        stored = repo.get_constitution(session, name, int(version))
-        judge_id = work.ensure_judge(session, config)
-        rules_judge_id = work.ensure_judge(session, work.RULES_JUDGE)
-        if min_calibration is not None:
-            _require_calibration(session, judge_id, stored.record.id, min_calibration, config.model)
-        planned = work.plan_judgments(
-            session,
-            round_id,
-            judge_id,
-            rules_judge_id,
-            stored.constitution,
-            stored.record.id,
-            stored.record.sha256,
-            config.template_sha256,
-            int(round_.config.get("seed", 0)),
-        )
-        reset = work.reset_failures(session, round_id, judge_id, every_failure=retry_failed)
-        freed = work.release_dead_local_claims(session)
-        work.set_round_status(session, round_id, "judging")
-        pending = work.pending_count(session, round_id, judge_id)
-    if planned or reset or freed:
+
+    async def judge_and_close() -> RoundJudgement:
+        try:
+            return await judge_round(
+                store, round_id, spec, backend, templates, options, mode, min_calibration, _run_with_progress
+            )
+        finally:
+            await backend.aclose()
+
+    outcome = asyncio.run(judge_and_close())
+    if outcome.planned or outcome.retried or outcome.reclaimed:
         err.print(
-            f"planned {planned} new judgments, {reset} failed ones to retry, {freed} reclaimed from dead workers"
+            f"planned {outcome.planned} judgments, retried {outcome.retried} failed ones, "
+            f"reclaimed {outcome.reclaimed} from dead workers"
         )
-    run = JudgeRun(store, round_id, judge_id, stored.constitution, backend, templates, options)
-    stats = asyncio.run(_run_with_progress(run, pending))
-    with transaction(ctx) as session:
-        work.lock_round(session, round_id)  # another worker may be aggregating the same pairs
-        work.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
-        summary = work.judge_summary(session, round_id, judge_id)
-        if summary.pending == 0:
-            work.set_round_status(session, round_id, "judged")
-    _print_summary(round_id, summary, stats, as_json)
+    _print_summary(round_id, outcome.summary, outcome.stats, as_json)
 
 
-async def _run_with_progress(run: JudgeRun, pending: int) -> RunStats:
+async def _run_with_progress(run: JudgeRun, pending: int, phase: str) -> RunStats:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (
@@ -265,34 +237,14 @@ async def _run_with_progress(run: JudgeRun, pending: int) -> RunStats:
         "{task.fields[failed]} failed",
     )
     with Progress(*columns, console=err) as progress:
-        task = progress.add_task(f"round {run.round_id}: judging", total=pending, failed=0)
+        label = {"sample": "judging pairs", "revision": "judging revisions"}.get(phase, phase)
+        task = progress.add_task(f"round {run.round_id}: {label}", total=pending, failed=0)
 
         def on_result(stats: RunStats) -> None:
             progress.update(task, completed=stats.judged + stats.failed, failed=stats.failed)
 
         run.on_result = on_result
-        try:
-            return await run.run()
-        finally:
-            await run.backend.aclose()
-
-
-def _require_calibration(
-    session: Session, judge_id: int, constitution_id: int, minimum: float, model: str
-) -> None:
-    from cai.errors import BadInput
-    from cai.store import work
-
-    record = work.latest_calibration(session, judge_id, constitution_id)
-    if record is None:
-        raise BadInput(
-            f"--min-calibration: judge {model!r} has no calibration for this constitution; run `cai judge calibrate` first"
-        )
-    if record.accuracy < minimum:
-        raise BadInput(
-            f"--min-calibration: judge {model!r} scored {record.accuracy:.2f} on the gold set "
-            f"(consistency {record.consistency:.2f}), below {minimum:.2f}; use a stronger judge"
-        )
+        return await run.run()
 
 
 def _print_summary(round_id: int, summary: JudgeSummary, stats: RunStats, as_json: bool) -> None:
@@ -359,9 +311,10 @@ def calibrate(
         stored = repo.get_constitution(session, *parse_ref(constitution))
     gold_pairs = load_pairs(gold or default_gold(), "better", "worse", stored.constitution)
     canary_pairs = load_pairs(canaries or default_canaries(), "clean", "injected", stored.constitution)
-    backend, config, templates = _judge_setup(
+    backend, spec, templates = _judge_setup(
         ctx, base_url, model, timeout, {"max_tokens": max_tokens, "temperature": 0.0}
     )
+    config = spec.config("pairwise", templates)
     options = JudgeOptions(concurrency=concurrency, max_attempts=max_attempts, max_tokens=max_tokens)
 
     async def go() -> CalibrationReport:

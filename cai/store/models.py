@@ -180,6 +180,8 @@ class PairRow(Created, Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
     response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
     response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    kind: Mapped[str] = mapped_column(String(16), default="sample", server_default="sample")
+    """'sample': two policy samples; 'revision': an original (A) and the judge's revision (B)."""
 
 
 class JudgeRow(Created, Base):
@@ -202,13 +204,19 @@ class JudgmentRow(Created, Base):
     __table_args__ = (
         # One judgment per pair x order x principle x judge config: reruns skip or retry, never add.
         UniqueConstraint("pair_id", "order", "principle_id", "judge_id"),
+        # Score and revise judgments concern one response rather than a pair.
+        UniqueConstraint("response_id", "principle_id", "judge_id"),
+        CheckConstraint("(pair_id IS NULL) <> (response_id IS NULL)", name="one_subject"),
         CheckConstraint("\"order\" IN ('AB', 'BA')", name="order"),
         CheckConstraint("status IN ('pending', 'ok', 'failed')", name="status"),
         Index("ix_judgments_judge_status", "judge_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
+    pair_id: Mapped[int | None] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
+    response_id: Mapped[int | None] = mapped_column(
+        ForeignKey("responses.id", ondelete="CASCADE"), index=True
+    )
     order: Mapped[str] = mapped_column(String(2))
     """'AB': response A shown first; 'BA': the pair shown swapped."""
     principle_id: Mapped[int] = mapped_column(ForeignKey("principles.id"))

@@ -348,6 +348,13 @@ def get_round(session: Session, round_id: int) -> RoundRecord:
     )
 
 
+def get_round_constitution_id(session: Session, round_id: int) -> int:
+    row = session.get(RoundRow, round_id)
+    if row is None:
+        raise NotFound(f"round {round_id} not found")
+    return row.constitution_id
+
+
 def list_rounds(session: Session) -> list[RoundRecord]:
     ids = session.scalars(select(RoundRow.id).order_by(RoundRow.id))
     return [get_round(session, round_id) for round_id in ids]

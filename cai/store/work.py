@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from cai.constitution import Constitution
-from cai.judge import ORDERS, PairLabel, Verdict, aggregate_pairwise
+from cai.judge import ORDERS, SCORE_SCALE, PairLabel, Parsed, Revision, Verdict, aggregate_pairwise
 from cai.rules import RuleCheck, check_rules, combine
 from cai.store.models import (
     CalibrationRow,
@@ -107,6 +107,14 @@ def lock_round(session: Session, round_id: int) -> None:
         )
 
 
+def in_round(round_id: int) -> Any:
+    """Judgments of a round: about one of its pairs, or about one of its responses."""
+    return or_(
+        JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+        JudgmentRow.response_id.in_(select(ResponseRow.id).where(ResponseRow.round_id == round_id)),
+    )
+
+
 # --- judges ------------------------------------------------------------------------------------
 
 
@@ -156,9 +164,10 @@ def principle_ids(session: Session, constitution_id: int) -> dict[str, int]:
     return dict(rows.all())
 
 
-def sampled_principle(constitution: Constitution, seed: int, pair_id: int) -> str:
-    """The principle a pair is judged under: weighted, and the same on every run and worker."""
-    rng = random.Random(f"{seed}:{pair_id}")
+def sampled_principle(constitution: Constitution, seed: int, subject: str) -> str:
+    """The principle a subject ('pair:7', 'prompt:3') is judged under: drawn by weight, and the
+    same on every run and every worker."""
+    rng = random.Random(f"{seed}:{subject}")
     return constitution.sample_principle(rng).id
 
 
@@ -172,9 +181,12 @@ def plan_judgments(
     constitution_sha256: str,
     template_sha256: str,
     seed: int,
+    kind: str = "sample",
 ) -> int:
-    """Create the pending judgments (both orders) for pairs that have none for this judge, and
-    record rule checks at once. Idempotent: returns the number of new LLM judgments."""
+    """Create the pending judgments (both orders) for pairs of `kind` that have none for this
+    judge, and record rule checks at once. Sampled pairs get a principle drawn by weight;
+    revision pairs are judged under the principle they were revised for. Idempotent: returns
+    the number of new LLM judgments."""
     principles = principle_ids(session, constitution_id)
     rule_ids = [principles[p.id] for p in constitution.principles if p.kind == "rule"]
     has_llm = len(rule_ids) < len(constitution.principles)
@@ -184,14 +196,14 @@ def plan_judgments(
     )
     a, b = aliased(ResponseRow), aliased(ResponseRow)
     todo = session.execute(
-        select(PairRow.id, a.text, b.text, PairRow.id.in_(with_llm), PairRow.id.in_(with_rules))
+        select(PairRow.id, a.text, b.text, PairRow.id.in_(with_llm), PairRow.id.in_(with_rules), b.sampling)
         .join(a, a.id == PairRow.response_a_id)
         .join(b, b.id == PairRow.response_b_id)
-        .where(PairRow.round_id == round_id)
+        .where(PairRow.round_id == round_id, PairRow.kind == kind)
         .order_by(PairRow.id)
     ).all()
     created = 0
-    for pair_id, text_a, text_b, llm_planned, rules_checked in todo:
+    for pair_id, text_a, text_b, llm_planned, rules_checked, b_sampling in todo:
         if rule_ids and not rules_checked:
             for check in check_rules(constitution, text_a, text_b):
                 session.add(
@@ -212,7 +224,10 @@ def plan_judgments(
                 )
         if not has_llm or llm_planned:
             continue
-        principle = principles[sampled_principle(constitution, seed, pair_id)]
+        if kind == "revision":
+            principle = b_sampling["principle_id"]
+        else:
+            principle = principles[sampled_principle(constitution, seed, f"pair:{pair_id}")]
         for order in ORDERS:
             session.add(
                 JudgmentRow(
@@ -230,13 +245,152 @@ def plan_judgments(
     return created
 
 
+def plan_single(
+    session: Session,
+    round_id: int,
+    judge_id: int,
+    constitution: Constitution,
+    constitution_id: int,
+    constitution_sha256: str,
+    template_sha256: str,
+    seed: int,
+    first_sample_only: bool,
+) -> int:
+    """Pending score or revise judgments for the round's sampled responses (all of them, or the
+    first sample of each prompt). All responses to one prompt share its sampled principle, so
+    their scores are comparable."""
+    principles = principle_ids(session, constitution_id)
+    done = select(JudgmentRow.response_id).where(JudgmentRow.judge_id == judge_id)
+    query = select(ResponseRow.id, ResponseRow.prompt_id).where(
+        ResponseRow.round_id == round_id, ResponseRow.origin == "sample", ResponseRow.id.not_in(done)
+    )
+    if first_sample_only:
+        query = query.where(ResponseRow.sample_index == 0)
+    created = 0
+    for response_id, prompt_id in session.execute(query.order_by(ResponseRow.id)):
+        principle = principles[sampled_principle(constitution, seed, f"prompt:{prompt_id}")]
+        session.add(
+            JudgmentRow(
+                response_id=response_id,
+                order="AB",
+                principle_id=principle,
+                judge_id=judge_id,
+                constitution_sha256=constitution_sha256,
+                template_sha256=template_sha256,
+                status="pending",
+            )
+        )
+        created += 1
+    session.flush()
+    return created
+
+
+def aggregate_scores(session: Session, round_id: int, judge_id: int) -> int:
+    """Score mode: per prompt whose samples are all scored, best vs worst becomes a labelled pair
+    (Self-Rewarding LMs); equal scores teach nothing and are dropped. Returns new labels."""
+    rows = session.execute(
+        select(ResponseRow.prompt_id, ResponseRow.id, JudgmentRow.status, JudgmentRow.score)
+        .join(JudgmentRow, and_(JudgmentRow.response_id == ResponseRow.id, JudgmentRow.judge_id == judge_id))
+        .where(ResponseRow.round_id == round_id, ResponseRow.origin == "sample")
+        .order_by(ResponseRow.prompt_id, ResponseRow.id)
+    ).all()
+    by_prompt: dict[int, list[tuple[int, str, float | None]]] = {}
+    for prompt_id, response_id, status, score in rows:
+        by_prompt.setdefault(prompt_id, []).append((response_id, status, score))
+    low, high = SCORE_SCALE
+    created = 0
+    for prompt_id, scored in by_prompt.items():
+        if len(scored) < 2 or any(status != "ok" for _, status, _ in scored):
+            continue
+        best = max(scored, key=lambda r: (r[2], -r[0]))
+        worst = min(scored, key=lambda r: (r[2], r[0]))
+        if best[2] == worst[2]:
+            continue
+        pair_id, pair_a = _pair(session, round_id, prompt_id, best[0], worst[0], "sample")
+        if session.scalar(
+            select(LabelRow.id).where(LabelRow.pair_id == pair_id, LabelRow.judge_id == judge_id)
+        ):
+            continue
+        confidence = (float(best[2] or 0) - float(worst[2] or 0)) / (high - low)
+        # A generation-time pair may hold the two the other way round: label in its own terms.
+        verdict = "A" if pair_a == best[0] else "B"
+        a, b = (best[0], worst[0]) if verdict == "A" else (worst[0], best[0])
+        session.add(_label_row(pair_id, judge_id, PairLabel(verdict, confidence, False), a, b))
+        created += 1
+    session.flush()
+    return created
+
+
+def materialise_revisions(session: Session, round_id: int, revise_judge_id: int) -> int:
+    """Revise mode: each successful revision becomes a response (origin 'revision') paired with
+    its original as a 'revision' pair (A = original, B = revision), ready for pairwise judging."""
+    made = select(ResponseRow.sampling["judgment_id"].as_integer()).where(
+        ResponseRow.round_id == round_id, ResponseRow.origin == "revision"
+    )
+    rows = session.execute(
+        select(JudgmentRow.id, JudgmentRow.principle_id, JudgmentRow.raw_output, ResponseRow)
+        .join(ResponseRow, ResponseRow.id == JudgmentRow.response_id)
+        .where(
+            JudgmentRow.judge_id == revise_judge_id,
+            JudgmentRow.status == "ok",
+            ResponseRow.round_id == round_id,
+            JudgmentRow.id.not_in(made),
+        )
+    ).all()
+    for judgment_id, principle_id, raw_output, original in rows:
+        revision = _revision_text(raw_output, original.text)
+        row = ResponseRow(
+            round_id=round_id,
+            prompt_id=original.prompt_id,
+            policy_id=original.policy_id,
+            sample_index=REVISION_INDEX_BASE + judgment_id,
+            origin="revision",
+            revised_from_id=original.id,
+            text=revision,
+            sampling={"judgment_id": judgment_id, "principle_id": principle_id},
+        )
+        session.add(row)
+        session.flush()
+        _pair(session, round_id, original.prompt_id, original.id, row.id, "revision")
+    session.flush()
+    return len(rows)
+
+
+REVISION_INDEX_BASE = 1_000_000
+"""Revisions take sample indices above any sampled one, keyed by the judgment that wrote them."""
+
+
+def _revision_text(raw_output: str | None, original: str) -> str:
+    from cai.judge import parse_revision
+
+    parsed: Revision = parse_revision(raw_output or "", original)
+    return parsed.revision
+
+
+def _pair(session: Session, round_id: int, prompt_id: int, a: int, b: int, kind: str) -> tuple[int, int]:
+    """(pair id, its response A) for these two responses, in either order; created if new."""
+    existing = session.execute(
+        select(PairRow.id, PairRow.response_a_id).where(
+            PairRow.round_id == round_id,
+            or_(
+                and_(PairRow.response_a_id == a, PairRow.response_b_id == b),
+                and_(PairRow.response_a_id == b, PairRow.response_b_id == a),
+            ),
+        )
+    ).first()
+    if existing is not None:
+        return existing[0], existing[1]
+    row = PairRow(round_id=round_id, prompt_id=prompt_id, response_a_id=a, response_b_id=b, kind=kind)
+    session.add(row)
+    session.flush()
+    return row.id, a
+
+
 def reset_failures(session: Session, round_id: int, judge_id: int, every_failure: bool) -> int:
     """Put failed items back in the queue: transient ones always, parse/permanent ones on request."""
     kinds = None if every_failure else ["transient"]
     query = update(JudgmentRow).where(
-        JudgmentRow.judge_id == judge_id,
-        JudgmentRow.status == "failed",
-        JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+        JudgmentRow.judge_id == judge_id, JudgmentRow.status == "failed", in_round(round_id)
     )
     if kinds is not None:
         query = query.where(JudgmentRow.error_kind.in_(kinds))
@@ -287,13 +441,17 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class WorkItem:
+    """One claimed judgment with what it needs to render: a pair, or a single response."""
+
     judgment_id: int
-    pair_id: int
     order: str
     principle_key: str
     conversation: list[dict[str, str]]
-    response_a: str
-    response_b: str
+    pair_id: int | None = None
+    response_a: str | None = None
+    response_b: str | None = None
+    response_id: int | None = None
+    response: str | None = None
 
 
 def claim(
@@ -306,7 +464,7 @@ def claim(
         .where(
             JudgmentRow.judge_id == judge_id,
             JudgmentRow.status == "pending",
-            JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+            in_round(round_id),
             or_(JudgmentRow.claimed_until.is_(None), JudgmentRow.claimed_until < now),
         )
         .order_by(JudgmentRow.id)
@@ -322,22 +480,25 @@ def claim(
     ).all()
     if not claimed:
         return []
-    a, b = aliased(ResponseRow), aliased(ResponseRow)
+    a, b, single = aliased(ResponseRow), aliased(ResponseRow), aliased(ResponseRow)
     rows = session.execute(
         select(
             JudgmentRow.id,
-            JudgmentRow.pair_id,
             JudgmentRow.order,
             PrincipleRow.key,
             PromptRow.messages,
+            JudgmentRow.pair_id,
             a.text,
             b.text,
+            JudgmentRow.response_id,
+            single.text,
         )
-        .join(PairRow, PairRow.id == JudgmentRow.pair_id)
         .join(PrincipleRow, PrincipleRow.id == JudgmentRow.principle_id)
-        .join(PromptRow, PromptRow.id == PairRow.prompt_id)
-        .join(a, a.id == PairRow.response_a_id)
-        .join(b, b.id == PairRow.response_b_id)
+        .outerjoin(PairRow, PairRow.id == JudgmentRow.pair_id)
+        .outerjoin(a, a.id == PairRow.response_a_id)
+        .outerjoin(b, b.id == PairRow.response_b_id)
+        .outerjoin(single, single.id == JudgmentRow.response_id)
+        .join(PromptRow, PromptRow.id == func.coalesce(PairRow.prompt_id, single.prompt_id))
         .where(JudgmentRow.id.in_(claimed))
         .order_by(JudgmentRow.id)
     ).all()
@@ -362,7 +523,7 @@ class JudgmentResult:
     attempts: int
     raw_output: str | None
     request_sha256: str | None
-    verdict: Verdict | None
+    parsed: Parsed | None
     error: str | None
     error_kind: str | None
     latency_ms: float | None
@@ -390,12 +551,8 @@ def record(session: Session, worker: str, results: list[JudgmentResult]) -> int:
             "claimed_by": None,
             "claimed_until": None,
         }
-        if r.verdict is not None:
-            values |= {
-                "verdict": r.verdict.verdict,
-                "rationale": r.verdict.rationale,
-                "confidence": r.verdict.confidence,
-            }
+        if r.parsed is not None:
+            values |= r.parsed.columns()
         result = session.execute(
             update(JudgmentRow)
             .where(
@@ -432,7 +589,8 @@ def aggregate_labels(
             JudgmentRow.judge_id.in_([judge_id, rules_judge_id]),
         )
     ):
-        by_pair.setdefault(row.pair_id, []).append(row)
+        if row.pair_id is not None:
+            by_pair.setdefault(row.pair_id, []).append(row)
     has_llm = any(p.kind == "llm" for p in constitution.principles)
     created = 0
     for pair_id, response_a, response_b in pairs:
@@ -501,7 +659,7 @@ class JudgeSummary:
 def judge_summary(session: Session, round_id: int, judge_id: int) -> JudgeSummary:
     pair_ids = select(PairRow.id).where(PairRow.round_id == round_id)
     labels = select(LabelRow).where(LabelRow.pair_id.in_(pair_ids), LabelRow.judge_id == judge_id).subquery()
-    judgments = and_(JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.judge_id == judge_id)
+    judgments = and_(in_round(round_id), JudgmentRow.judge_id == judge_id)
 
     def scalar(query: Any) -> Any:
         return session.scalar(query) or 0
@@ -525,7 +683,7 @@ def pending_count(session: Session, round_id: int, judge_id: int) -> int:
             select(func.count()).where(
                 JudgmentRow.judge_id == judge_id,
                 JudgmentRow.status == "pending",
-                JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
+                in_round(round_id),
             )
         )
         or 0

@@ -1,0 +1,172 @@
+"""Judge one round in one mode: for each phase, plan the work (idempotently, under the round's
+lock), run the judge over it, then aggregate labels. pairwise: sampled pairs, both orders.
+score: every sample scored, best vs worst labelled. revise: first samples revised, then each
+revision judged against its original in both orders. One event loop for all phases: the
+backend's connection pool belongs to it. Database work between phases is brief and synchronous."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from cai.backends.base import ChatBackend
+from cai.errors import BadInput
+from cai.judging import JudgeOptions, JudgeRun, RunStats
+from cai.store import repo, work
+from cai.store.db import session_scope
+from cai.templates import TemplateSet
+
+TEMPLATES = {"pairwise": "judge_pairwise", "score": "judge_score", "revise": "revision"}
+Runner = Callable[[JudgeRun, int, str], Coroutine[Any, Any, RunStats]]
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """Who judges: everything that makes up a judge's identity, minus the mode."""
+
+    backend: str
+    model: str
+    base_url: str | None
+    params: dict[str, object]
+
+    def config(self, mode: str, templates: TemplateSet) -> work.JudgeConfig:
+        template = TEMPLATES[mode]
+        return work.JudgeConfig(
+            self.backend, self.model, mode, templates.sha256[template], self.params, self.base_url
+        )
+
+
+@dataclass
+class RoundJudgement:
+    summary: work.JudgeSummary
+    stats: RunStats
+    planned: int
+    retried: int
+    reclaimed: int
+
+
+async def _plain_runner(run: JudgeRun, pending: int, phase: str) -> RunStats:
+    return await run.run()
+
+
+async def judge_round(
+    engine: Engine,
+    round_id: int,
+    spec: JudgeSpec,
+    backend: ChatBackend,
+    templates: TemplateSet,
+    options: JudgeOptions,
+    mode: str = "pairwise",
+    min_calibration: float | None = None,
+    runner: Runner = _plain_runner,
+) -> RoundJudgement:
+    if mode not in TEMPLATES:
+        raise BadInput(f"--mode: {mode!r} is not one of {', '.join(TEMPLATES)}")
+    result = RoundJudgement(work.JudgeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0.0), RunStats(), 0, 0, 0)
+    pairwise = spec.config("pairwise", templates)
+    if min_calibration is not None:
+        # Calibration measures the judge's pairwise verdicts, whatever the mode of this run.
+        with session_scope(engine) as session:
+            constitution_id = repo.get_round_constitution_id(session, round_id)
+            _require_calibration(
+                session, _judge_id(session, pairwise), constitution_id, min_calibration, spec.model
+            )
+    run = (engine, round_id, backend, templates, options, runner, result)
+    if mode == "score":
+        labelling = spec.config("score", templates)
+        await _phase(*run, labelling, "score")
+    elif mode == "revise":
+        labelling, reviser = pairwise, spec.config("revise", templates)
+        if not await _phase(*run, reviser, "revise"):
+            with session_scope(engine) as session:
+                work.lock_round(session, round_id)
+                work.materialise_revisions(session, round_id, _judge_id(session, reviser))
+            await _phase(*run, pairwise, "revision")
+    else:
+        labelling = pairwise
+        await _phase(*run, pairwise, "sample")
+    with session_scope(engine) as session:
+        result.summary = work.judge_summary(session, round_id, _judge_id(session, labelling))
+        if result.summary.pending == 0 and not result.stats.stopped_by_budget:
+            work.set_round_status(session, round_id, "judged")
+    return result
+
+
+def _judge_id(session: Session, config: work.JudgeConfig) -> int:
+    return work.ensure_judge(session, config)
+
+
+async def _phase(
+    engine: Engine,
+    round_id: int,
+    backend: ChatBackend,
+    templates: TemplateSet,
+    options: JudgeOptions,
+    runner: Runner,
+    result: RoundJudgement,
+    config: work.JudgeConfig,
+    phase: str,
+) -> bool:
+    """phase: 'sample' or 'revision' (pairs of that kind, judged pairwise), 'score' or 'revise'.
+    Returns True when the budget stopped it."""
+    with session_scope(engine) as session:
+        work.lock_round(session, round_id)  # concurrent workers plan one at a time
+        round_ = repo.get_round(session, round_id)
+        name, version = round_.constitution.split("@")
+        stored = repo.get_constitution(session, name, int(version))
+        judge_id = work.ensure_judge(session, config)
+        rules_judge_id = work.ensure_judge(session, work.RULES_JUDGE)
+        seed = int(round_.config.get("seed", 0))
+        common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
+        if phase in ("sample", "revision"):
+            planned = work.plan_judgments(session, round_id, judge_id, rules_judge_id, *common, kind=phase)
+        else:
+            planned = work.plan_single(
+                session, round_id, judge_id, *common, first_sample_only=phase == "revise"
+            )
+        result.planned += planned
+        result.retried += work.reset_failures(session, round_id, judge_id, every_failure=options.retry_failed)
+        result.reclaimed += work.release_dead_local_claims(session)
+        work.set_round_status(session, round_id, "judging")
+        pending = work.pending_count(session, round_id, judge_id)
+    mode = "pairwise" if phase in ("sample", "revision") else phase
+    run = JudgeRun(engine, round_id, judge_id, stored.constitution, backend, templates, options, mode=mode)
+    stats = await runner(run, pending, phase)
+    _merge(result.stats, stats)
+    with session_scope(engine) as session:
+        work.lock_round(session, round_id)  # another worker may be aggregating the same pairs
+        if phase == "score":
+            work.aggregate_scores(session, round_id, judge_id)
+        elif phase in ("sample", "revision"):
+            work.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
+    return stats.stopped_by_budget
+
+
+def _merge(total: RunStats, more: RunStats) -> None:
+    total.judged += more.judged
+    total.failed += more.failed
+    total.spent_usd += more.spent_usd
+    total.stopped_by_budget |= more.stopped_by_budget
+    total.wall_s += more.wall_s
+    for kind, count in more.errors.items():
+        total.errors[kind] = total.errors.get(kind, 0) + count
+
+
+def _require_calibration(
+    session: Session, judge_id: int, constitution_id: int, minimum: float, model: str
+) -> None:
+    record = work.latest_calibration(session, judge_id, constitution_id)
+    if record is None:
+        raise BadInput(
+            f"--min-calibration: judge {model!r} has no calibration for this constitution; "
+            "run `cai judge calibrate` first"
+        )
+    if record.accuracy < minimum:
+        raise BadInput(
+            f"--min-calibration: judge {model!r} scored {record.accuracy:.2f} on the gold set "
+            f"(consistency {record.consistency:.2f}), below {minimum:.2f}; use a stronger judge"
+        )
