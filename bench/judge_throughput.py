@@ -1,17 +1,24 @@
 """Judge throughput: pairs judged per second by `JudgeRun` (store, claims, retries, batched writes)
 against the loopback server with a fixed latency L at concurrency C, beside the ceiling C/(2L)
 (two orders per pair) and beside bare SDK calls at the same concurrency, measured in this run.
+The server runs in a process of its own, as a real judge server would.
 
-    python bench/judge_throughput.py [--pairs 400] [--latency 0.1] [--concurrency 16]
+    python bench/judge_throughput.py [--pairs 480] [--latency 0.5] [--concurrency 32]
+
+The defaults model a real judge (latency well above the client's CPU cost per request). At very
+low latency the `openai` SDK's own CPU time (~5 ms a request on this 2-core machine) becomes the
+ceiling; the "bare SDK" figure shows where that lies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +42,9 @@ def build_round(db_url: str, pairs: int) -> tuple[object, int, int, object]:
     templates = TemplateSet()
     with session_scope(engine) as session:
         record, _ = repo.register_constitution(session, loaded)
-        prompts = [PromptInput((("user", f"Question number {i}?"),), "train", (), f"bench:{i}") for i in range(pairs)]
+        prompts = [
+            PromptInput((("user", f"Question number {i}?"),), "train", (), f"bench:{i}") for i in range(pairs)
+        ]
         repo.import_prompts(session, prompts, "bench")
         policy = repo.ensure_policy(session, "bench-policy", "bench")
         round_id = repo.create_round(session, record, policy, {"split": "train", "seed": 0}).id
@@ -43,19 +52,33 @@ def build_round(db_url: str, pairs: int) -> tuple[object, int, int, object]:
         for prompt_id in stored:
             for index, text in enumerate(("GOOD answer.", "Another answer.")):
                 work.add_response(
-                    session, round_id=round_id, prompt_id=prompt_id, policy_id=policy.id, sample_index=index,
-                    text=text, sampling={},
+                    session,
+                    round_id=round_id,
+                    prompt_id=prompt_id,
+                    policy_id=policy.id,
+                    sample_index=index,
+                    text=text,
+                    sampling={},
                 )
         session.flush()
         samples = work.stored_samples(session, round_id, policy.id)
         for prompt_id in stored:
-            work.add_pairs(session, round_id, prompt_id, [(samples[(prompt_id, 0)][0], samples[(prompt_id, 1)][0])])
+            work.add_pairs(
+                session, round_id, prompt_id, [(samples[(prompt_id, 0)][0], samples[(prompt_id, 1)][0])]
+            )
         config = work.JudgeConfig("openai", "fake-judge", "pairwise", templates.sha256["judge_pairwise"], {})
         judge_id = work.ensure_judge(session, config)
         rules_id = work.ensure_judge(session, work.RULES_JUDGE)
         work.plan_judgments(
-            session, round_id, judge_id, rules_id, loaded.constitution, record.id, record.sha256,
-            config.template_sha256, 0,
+            session,
+            round_id,
+            judge_id,
+            rules_id,
+            loaded.constitution,
+            record.id,
+            record.sha256,
+            config.template_sha256,
+            0,
         )
     return engine, round_id, judge_id, loaded.constitution
 
@@ -64,8 +87,13 @@ async def bare_sdk(base_url: str, requests: int, concurrency: int) -> float:
     """Requests per second of plain SDK calls under a semaphore: what this process can reach."""
     constitution = load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
     _, request = pairwise_request(
-        TemplateSet(), constitution, constitution.principles[0], [{"role": "user", "content": "Q?"}],
-        "GOOD answer.", "Another answer.", "AB",
+        TemplateSet(),
+        constitution,
+        constitution.principles[0],
+        [{"role": "user", "content": "Q?"}],
+        "GOOD answer.",
+        "Another answer.",
+        "AB",
     )
     backend = OpenAIChat(base_url, "fake-judge")
     semaphore = asyncio.Semaphore(concurrency)
@@ -81,26 +109,55 @@ async def bare_sdk(base_url: str, requests: int, concurrency: int) -> float:
     return requests / elapsed
 
 
-async def judged(engine: object, round_id: int, judge_id: int, constitution: object, base_url: str, concurrency: int) -> float:
+async def judged(
+    engine: object, round_id: int, judge_id: int, constitution: object, base_url: str, concurrency: int
+) -> float:
     backend = OpenAIChat(base_url, "fake-judge")
-    run = JudgeRun(engine, round_id, judge_id, constitution, backend, TemplateSet(), JudgeOptions(concurrency=concurrency))  # type: ignore[arg-type]
+    run = JudgeRun(
+        engine,
+        round_id,
+        judge_id,
+        constitution,
+        backend,
+        TemplateSet(),
+        JudgeOptions(concurrency=concurrency),
+    )  # type: ignore[arg-type]
     stats = await run.run()
     await backend.aclose()
     assert stats.failed == 0, stats
     return stats.judged / 2 / stats.wall_s
 
 
+def _serve(latency: float, conn: Connection) -> None:
+    """Run the fake server in its own process: a real judge server does not share our GIL."""
+    with FakeOpenAI(prefer_marker("GOOD"), latency=latency) as server:
+        conn.send(server.base_url)
+        conn.recv()  # block until the parent is done
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=400)
-    parser.add_argument("--latency", type=float, default=0.1, help="seconds per request at the server (L)")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (C)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=480)
+    parser.add_argument("--latency", type=float, default=0.5, help="seconds per request at the server (L)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (C)")
     args = parser.parse_args()
     ceiling = args.concurrency / (2 * args.latency)
-    with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(prefer_marker("GOOD"), latency=args.latency) as server:
-        engine, round_id, judge_id, constitution = build_round(f"sqlite:///{tmp}/bench.db", args.pairs)
-        sdk_pairs_per_s = asyncio.run(bare_sdk(server.base_url, 2 * args.pairs, args.concurrency)) / 2
-        pairs_per_s = asyncio.run(judged(engine, round_id, judge_id, constitution, server.base_url, args.concurrency))
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=_serve, args=(args.latency, child), daemon=True)
+    server.start()
+    base_url = parent.recv()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine, round_id, judge_id, constitution = build_round(f"sqlite:///{tmp}/bench.db", args.pairs)
+            sdk_pairs_per_s = asyncio.run(bare_sdk(base_url, 2 * args.pairs, args.concurrency)) / 2
+            pairs_per_s = asyncio.run(
+                judged(engine, round_id, judge_id, constitution, base_url, args.concurrency)
+            )
+    finally:
+        parent.send("done")
+        server.join(timeout=5)
     print(
         f"judge throughput: {pairs_per_s:.1f} pairs/s at L={args.latency}s C={args.concurrency}; "
         f"ceiling C/(2L) = {ceiling:.1f} -> ratio {pairs_per_s / ceiling:.2f} (target >= 0.9); "

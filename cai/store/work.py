@@ -11,9 +11,9 @@ import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from cai.constitution import Constitution
@@ -532,39 +532,61 @@ class JudgmentResult:
     cost_usd: float | None
 
 
-def record(session: Session, worker: str, results: list[JudgmentResult]) -> int:
-    """Store results of items this worker still holds; returns how many were written. An item
-    whose lease was lost to another worker is not overwritten (no double writes)."""
-    written = 0
+RESULT_COLUMNS = (
+    "status",
+    "attempts",
+    "raw_output",
+    "request_sha256",
+    "error",
+    "error_kind",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "verdict",
+    "score",
+    "confidence",
+    "rationale",
+)
+
+
+def record(session: Session, worker: str, results: list[JudgmentResult]) -> None:
+    """Store results of items this worker still holds, in one executemany. An item whose lease
+    was lost to another worker is left alone (no double writes)."""
+    if not results:
+        return
+    table = cast(Table, JudgmentRow.__table__)
+    rows = []
     for r in results:
-        values: dict[str, Any] = {
-            "status": r.status,
-            "attempts": r.attempts,
-            "raw_output": r.raw_output,
-            "request_sha256": r.request_sha256,
-            "error": r.error,
-            "error_kind": r.error_kind,
-            "latency_ms": r.latency_ms,
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "cost_usd": r.cost_usd,
-            "claimed_by": None,
-            "claimed_until": None,
-        }
-        if r.parsed is not None:
-            values |= r.parsed.columns()
-        result = session.execute(
-            update(JudgmentRow)
-            .where(
-                JudgmentRow.id == r.judgment_id,
-                JudgmentRow.claimed_by == worker,
-                JudgmentRow.status == "pending",
-            )
-            .values(**values),
-            execution_options={"synchronize_session": False},
+        row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
+        row.update(
+            status=r.status,
+            attempts=r.attempts,
+            raw_output=r.raw_output,
+            request_sha256=r.request_sha256,
+            error=r.error,
+            error_kind=r.error_kind,
+            latency_ms=r.latency_ms,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            cost_usd=r.cost_usd,
         )
-        written += result.rowcount or 0  # type: ignore[attr-defined]
-    return written
+        if r.parsed is not None:
+            row.update(r.parsed.columns())
+        rows.append({f"new_{key}": value for key, value in row.items()} | {"judgment_id": r.judgment_id})
+    statement = (
+        update(table)
+        .where(
+            table.c.id == bindparam("judgment_id"),
+            table.c.claimed_by == worker,
+            table.c.status == "pending",
+        )
+        .values(
+            {key: bindparam(f"new_{key}") for key in RESULT_COLUMNS}
+            | {"claimed_by": None, "claimed_until": None}
+        )
+    )
+    session.connection().execute(statement, rows)
 
 
 # --- labels ------------------------------------------------------------------------------------
