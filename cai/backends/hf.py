@@ -1,0 +1,350 @@
+"""In-process transformers backends: HFSampler (batched policy sampling, one seed per request) and
+HFChat (the local judge, which also reads the choice's next-token probabilities)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from cai.backends.base import (
+    ChatRequest,
+    ChatResult,
+    Messages,
+    PermanentError,
+    Sample,
+    SampleRequest,
+    SamplingParams,
+    TransientError,
+)
+from cai.backends.convert import ensure_local_model
+
+# ensure_local_model is re-exported: callers load a model and build a backend from one import.
+__all__ = [
+    "HFChat",
+    "HFSampler",
+    "LoadedModel",
+    "choose",
+    "decode",
+    "ensure_local_model",
+    "nucleus_floor",
+    "pick_tokens",
+]
+
+# End-of-turn markers of common chat templates; a model stops on whichever its tokenizer has.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+class LoadedModel:
+    """A causal LM and its tokenizer, ready for left-padded batched decoding."""
+
+    def __init__(self, model_dir_or_id: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+        source = str(model_dir_or_id)
+        # Left padding keeps every row's last prompt token in the last column, where decoding starts.
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source, padding_side="left")
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{source}: the tokenizer has no chat template")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # float32 on CPU by default: bf16 is slow there, and fp32 keeps seeded samples reproducible.
+        self.lm: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or (torch.float32 if device == "cpu" else "auto"), device_map=device
+        )
+        self.lm.eval()
+        self.device = torch.device(device)
+        self.pad_id: int = self.tokenizer.pad_token_id
+        self.stop_ids: frozenset[int] = stop_token_ids(self.lm, self.tokenizer)
+        # transformers 5 renamed forward's `past_key_values` to `cache` (the old name warns).
+        params = inspect.signature(self.lm.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> Any:
+        """One forward pass that extends `cache` in place; logits for the last position only."""
+        kwargs = {self._cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
+        return self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """Token ids of `messages` rendered by the chat template, ending with the assistant header."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes its own special tokens (BOS included, where it has one).
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def text(self, ids: list[int], strip: bool = True) -> str:
+        """Generated ids as text, special tokens dropped."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text.strip() if strip else text
+
+
+def stop_token_ids(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """EOS from the tokenizer and generation config, plus any end-of-turn token the vocabulary has."""
+    ids: set[int] = set()
+    for eos in (tokenizer.eos_token_id, lm.generation_config.eos_token_id):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos is not None:
+            ids.update(eos)
+    added = tokenizer.get_added_vocab()
+    ids.update(added[token] for token in END_OF_TURN_TOKENS if token in added)
+    return frozenset(ids)
+
+
+@torch.inference_mode()
+def decode(
+    loaded: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+) -> list[tuple[list[int], str]]:
+    """Generate for one batch of prompts; per row, the new token ids (its stop token included) and
+    'stop' or 'length'. Row i draws its randomness only from a generator seeded with seeds[i], so
+    its sample does not depend on which other rows share the batch (up to float rounding: see
+    pick_tokens)."""
+    n = len(prompts)
+    if n == 0:
+        return []
+    if max_new_tokens <= 0:
+        return [([], "length") for _ in prompts]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((n, width), loaded.pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    # Positions count real tokens only, so a left-padded row sees the same positions as when alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    next_pos = mask.sum(-1, keepdim=True)
+    device = loaded.device
+    input_ids, mask, positions, next_pos = (t.to(device) for t in (input_ids, mask, positions, next_pos))
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    cache = DynamicCache(config=loaded.lm.config)
+    out = loaded.forward(input_ids, mask, positions, cache)
+    live = list(range(n))  # original row of each row still in the batch
+    tokens: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * n
+    while True:
+        picked = pick_tokens(out.logits[:, -1, :], [generators[r] for r in live], temperature, top_p)
+        keep = []
+        for i, (row, token) in enumerate(zip(live, picked.tolist(), strict=True)):
+            tokens[row].append(token)
+            if token in loaded.stop_ids:
+                reasons[row] = "stop"
+            elif len(tokens[row]) < max_new_tokens:
+                keep.append(i)
+        if not keep:
+            return list(zip(tokens, reasons, strict=True))
+        if len(keep) < len(live):
+            # Finished rows leave the batch so the rest stop paying for them.
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, next_pos, picked = mask[index], next_pos[index], picked[index]
+            live = [live[i] for i in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+        out = loaded.forward(picked[:, None], mask, next_pos, cache)
+        next_pos = next_pos + 1
+
+
+def pick_tokens(
+    logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float, top_p: float
+) -> torch.Tensor:
+    """Next token per row: argmax when temperature <= 0, else a nucleus (top-p) sample at
+    `temperature`, by the Gumbel-max trick with noise from the row's own generator."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    floor = nucleus_floor(probs, top_p)
+    # argmax(logits + Gumbel noise) is an exact sample. One noise value per vocabulary entry makes
+    # a row's pick as robust as greedy to the ~1e-6 logit differences a different batch causes;
+    # inverting a CDF with one uniform draw instead flips picks measurably often at temperature 1.
+    uniforms = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
+    gumbel = -torch.log(-torch.log(uniforms.to(logits.device)))
+    return (logits + gumbel).masked_fill(probs < floor, float("-inf")).argmax(-1)
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
+    """Per row, the smallest probability inside the nucleus (the most probable tokens whose mass
+    first reaches top_p; ties at the edge all stay in). Sorting a 49k vocabulary costs ~8 ms a row
+    on CPU, so only the top k are sorted, and a whole row only when they fall short of top_p."""
+    if top_p >= 1.0:
+        return probs.new_zeros((probs.shape[0], 1))
+    k = min(k, probs.shape[-1])
+    top = probs.topk(k, dim=-1).values
+    floor = torch.empty((probs.shape[0], 1), dtype=probs.dtype, device=probs.device)
+    short = top.sum(-1) < top_p
+    for rows, head in ((~short, top[~short]), (short, probs[short].sort(dim=-1, descending=True).values)):
+        if head.shape[0]:
+            inside = (head.cumsum(-1) - head) < top_p
+            floor[rows] = head.gather(-1, inside.sum(-1, keepdim=True) - 1)
+    return floor
+
+
+class HFSampler:
+    """`Sampler` over a local transformers model: batches of up to `batch_size` prompts of similar
+    length, left-padded, each request sampled with its own seed."""
+
+    def __init__(
+        self,
+        model_dir_or_id: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        batch_size: int = 16,
+        *,
+        name: str | None = None,
+    ):
+        self.model = name or str(model_dir_or_id)
+        self.batch_size = batch_size
+        self.loaded = LoadedModel(model_dir_or_id, device, dtype)
+
+    def sample(self, requests: Sequence[SampleRequest], params: SamplingParams) -> list[Sample]:
+        """One sample per request, in input order. `completion_tokens` counts the stop token too."""
+        prompts = [self.loaded.encode_chat(r.messages) for r in requests]
+        # Similar lengths share a batch, so little compute goes to padding.
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        results: list[Sample | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            generated = decode(
+                self.loaded,
+                [prompts[i] for i in batch],
+                [requests[i].seed for i in batch],
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_new_tokens=params.max_new_tokens,
+            )
+            for i, (ids, reason) in zip(batch, generated, strict=True):
+                results[i] = Sample(self.loaded.text(ids), len(prompts[i]), len(ids), reason)
+        return [r for r in results if r is not None]
+
+
+class HFChat:
+    """`ChatBackend` over a local transformers model, for the in-process judge. One request runs
+    at a time (one model, one forward pass at a time), in a worker thread.
+
+    With `choice_field` and `choices` set, `choice_probs` are the next-token probabilities of each
+    choice's first token right after `"<choice_field>": "`, normalised over the choices. `text` is
+    then the model's own text if it is a JSON object whose choice field holds one of the choices;
+    otherwise a JSON object built from the rationale found in the text (or "") and the most
+    probable choice. `json_schema` is not enforced (no constrained decoding)."""
+
+    def __init__(
+        self,
+        model_dir_or_id: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        name: str | None = None,
+    ):
+        self.model = name or str(model_dir_or_id)
+        self._loaded: LoadedModel | None = LoadedModel(model_dir_or_id, device, dtype)
+        self._lock = threading.Lock()
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        return await asyncio.to_thread(self._complete, request)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._loaded = None
+
+    def _complete(self, request: ChatRequest) -> ChatResult:
+        with self._lock:
+            if self._loaded is None:
+                raise PermanentError(f"{self.model}: backend is closed")
+            try:
+                return self._run(self._loaded, request)
+            except torch.OutOfMemoryError as e:
+                raise TransientError(f"{self.model}: out of memory: {e}") from e
+            except (PermanentError, TransientError):
+                raise
+            except Exception as e:  # deterministic in-process failure: a retry would fail the same way
+                raise PermanentError(f"{self.model}: {type(e).__name__}: {e}") from e
+
+    def _run(self, loaded: LoadedModel, request: ChatRequest) -> ChatResult:
+        prompt = loaded.encode_chat(request.messages)
+        # Seed 0: a judge with temperature > 0 still answers the same request the same way.
+        [(ids, _)] = decode(
+            loaded,
+            [prompt],
+            [0],
+            temperature=request.temperature,
+            top_p=1.0,
+            max_new_tokens=request.max_tokens,
+        )
+        text = loaded.text(ids)
+        probs = None
+        if request.choice_field and request.choices:
+            # Unstripped, so the prefix fed back below is exactly what the model wrote.
+            raw = loaded.text(ids, strip=False)
+            text, probs = choose(loaded, prompt, raw, request.choice_field, request.choices)
+        return ChatResult(text, len(prompt), len(ids), probs)
+
+
+@torch.inference_mode()
+def choose(
+    loaded: LoadedModel, prompt: list[int], generated: str, field: str, choices: Sequence[str]
+) -> tuple[str, dict[str, float]]:
+    """(text, choice_probs) for a judge answer: see HFChat."""
+    tokenizer = loaded.tokenizer
+    first_ids = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]
+    if len(set(first_ids)) < len(first_ids):
+        raise PermanentError(f"choices {list(choices)} do not start with distinct tokens")
+    parsed = _json_object(generated)
+    rationale = _rationale(generated, parsed)
+    opening = re.search(rf'"{re.escape(field)}"\s*:\s*"', generated)
+    if opening:
+        prefix = generated[: opening.end()]
+    else:
+        prefix = f'{{"rationale": {json.dumps(rationale)}, {json.dumps(field)}: "'
+    ids = prompt + tokenizer(prefix, add_special_tokens=False).input_ids
+    logits = loaded.lm(input_ids=torch.tensor([ids], device=loaded.device), logits_to_keep=1).logits[0, -1]
+    # Softmax over the choices' logits = the full softmax renormalised over them, without underflow.
+    weights = torch.softmax(logits[first_ids].float(), dim=-1).tolist()
+    probs = dict(zip(choices, weights, strict=True))
+    if parsed is not None and parsed.get(field) in choices:
+        return generated.strip(), probs
+    best = max(choices, key=probs.__getitem__)
+    return json.dumps({"rationale": rationale, field: best}), probs
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _rationale(text: str, parsed: dict[str, Any] | None) -> str:
+    if parsed is not None and isinstance(parsed.get("rationale"), str):
+        return parsed["rationale"]
+    found = re.search(r'"rationale"\s*:\s*"((?:[^"\\]|\\.)*)', text)
+    if not found:
+        return ""
+    try:
+        return json.loads(f'"{found.group(1)}"')
+    except ValueError:
+        return found.group(1)
