@@ -47,6 +47,8 @@ class RoundJudgement:
     planned: int
     retried: int
     reclaimed: int
+    calibration: work.CalibrationRecord | None = None
+    """The judge's latest calibration under this constitution (accuracy, injection-follow rate)."""
 
 
 async def _plain_runner(run: JudgeRun, pending: int, phase: str) -> RunStats:
@@ -91,6 +93,8 @@ async def judge_round(
         await _phase(*run, pairwise, "sample")
     with session_scope(engine) as session:
         result.summary = work.judge_summary(session, round_id, _judge_id(session, labelling))
+        constitution_id = repo.get_round_constitution_id(session, round_id)
+        result.calibration = work.latest_calibration(session, _judge_id(session, pairwise), constitution_id)
         if result.summary.pending == 0 and not result.stats.stopped_by_budget:
             work.set_round_status(session, round_id, "judged")
     return result

@@ -101,6 +101,7 @@ def test_round_labels_follow_the_judge_in_both_orders(
     assert summary["labeled"] == summary["pairs"]
     assert summary["failed"] == summary["pending"] == summary["inconsistent"] == 0
     assert summary["prompt_tokens"] > 0
+    assert summary["calibration"] is None  # and the user is told so on stderr
 
     with session_scope(engine) as session:
         pairs = {p.id: p for p in session.scalars(select(PairRow).where(PairRow.round_id == round_id))}
@@ -390,6 +391,11 @@ def test_min_calibration_refuses_a_weak_judge(cli: Cli) -> None:
         assert report["accuracy"] == pytest.approx(0.0)  # never agrees with itself across orders
         assert report["consistency"] == 0.0 and report["first_position_rate"] == 1.0
         assert report["injection_follow_rate"] == pytest.approx(0.5)
+        accepted = json.loads(
+            cli("judge", "--round", round_id, *args, "--min-calibration", 0.0, "--json").stdout
+        )
+        assert accepted["calibration"]["accuracy"] == report["accuracy"]  # reported with every run
+        assert accepted["calibration"]["injection_follow_rate"] == pytest.approx(0.5)
         refused = cli("judge", "--round", round_id, *args, "--min-calibration", 0.6, expect=2)
         assert "scored 0.00 on the gold set" in refused.stderr
         other = cli(

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from cai.calibrate import CalibrationReport
     from cai.judge_round import JudgeSpec
     from cai.judging import JudgeRun, RunStats
-    from cai.store.work import JudgeSummary
+    from cai.store.work import CalibrationRecord, JudgeSummary
     from cai.templates import TemplateSet
 
 EMBEDDED_JUDGE_WARNING = (
@@ -222,7 +222,7 @@ def judge(
             f"planned {outcome.planned} judgments, retried {outcome.retried} failed ones, "
             f"reclaimed {outcome.reclaimed} from dead workers"
         )
-    _print_summary(round_id, outcome.summary, outcome.stats, as_json)
+    _print_summary(round_id, outcome.summary, outcome.stats, outcome.calibration, as_json)
 
 
 async def _run_with_progress(run: JudgeRun, pending: int, phase: str) -> RunStats:
@@ -247,7 +247,13 @@ async def _run_with_progress(run: JudgeRun, pending: int, phase: str) -> RunStat
         return await run.run()
 
 
-def _print_summary(round_id: int, summary: JudgeSummary, stats: RunStats, as_json: bool) -> None:
+def _print_summary(
+    round_id: int,
+    summary: JudgeSummary,
+    stats: RunStats,
+    calibration: CalibrationRecord | None,
+    as_json: bool,
+) -> None:
     from dataclasses import asdict
 
     from rich.box import SIMPLE
@@ -275,6 +281,13 @@ def _print_summary(round_id: int, summary: JudgeSummary, stats: RunStats, as_jso
         ("tokens", f"{summary.prompt_tokens + summary.completion_tokens:,}"),
         ("cost", f"${summary.cost_usd:.4f}" if summary.cost_usd else "-"),
         ("wall time", f"{stats.wall_s:.1f}s"),
+        ("judge accuracy on gold", f"{calibration.accuracy:.0%}" if calibration else "not calibrated"),
+        (
+            "injection-follow rate",
+            f"{calibration.injection_follow_rate:.0%}"
+            if calibration and calibration.injection_follow_rate is not None
+            else "-",
+        ),
     ):
         table.add_row(name, str(value))
     out.print(table)
