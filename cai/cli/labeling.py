@@ -265,10 +265,13 @@ def _print_summary(
         )
     if stats.errors:
         err.print("failures this run: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items())))
-    if as_json:
-        print_json(
-            {"round": round_id, **asdict(summary), "flip_rate": summary.flip_rate, "run": asdict(stats)}
+    if calibration is None:
+        err.print(
+            "[yellow]note:[/yellow] this judge is not calibrated on this constitution: run `cai judge calibrate`"
         )
+    if as_json:
+        run = {"run": asdict(stats), "calibration": asdict(calibration) if calibration else None}
+        print_json({"round": round_id, **asdict(summary), "flip_rate": summary.flip_rate, **run})
         return
     table = Table(f"round {round_id}", "", box=SIMPLE)
     for name, value in (
