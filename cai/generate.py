@@ -77,7 +77,7 @@ def run_generation(
                     sample_index=index,
                     text=result.text,
                     sampling={**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model},
-                    seed=request.seed,
+                    seed=request.seed if result.seed is None else result.seed,
                     prompt_tokens=result.prompt_tokens,
                     completion_tokens=result.completion_tokens,
                     finish_reason=result.finish_reason,

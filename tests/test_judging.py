@@ -6,6 +6,7 @@ recorded with their reason and raw text, and reruns resume."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -31,13 +32,17 @@ from tests.conftest import REPO, Cli
 GOOD = "GOOD"
 
 
+_draws = itertools.count()
+
+
 def policy_then_judge(request: dict[str, Any]) -> str:
-    """Sampling requests get an answer that is GOOD for some seeds; judge requests prefer GOOD."""
+    """Sampling requests get an answer that is GOOD for some draws (each of the `n` choices is a
+    new draw, as on a real server); judge requests prefer GOOD."""
     prompt = fake.prompt_text(request)
     if "<<<RESPONSE A " in prompt:
         return fake.prefer_marker(GOOD)(request)
-    seed = request.get("seed", 0)
-    return f"{GOOD} answer #{seed}" if seed % 3 else f"plain answer #{seed}"
+    draw = request.get("seed", 0) + next(_draws)
+    return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
 
 
 @pytest.fixture
@@ -138,6 +143,25 @@ def test_rerun_judges_nothing_twice(cli: Cli, engine: Engine, server: fake.FakeO
     cli(*judge_args(server, round_id))
     assert judgment_counts(engine) == before
     assert server.count == requests  # nothing was sent again
+
+
+def test_samples_of_one_prompt_share_a_request_with_n_choices(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
+    cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
+    round_id = int(cli("round", "start", "-c", "helpful-harmless@1", "--policy", "fake/policy").stdout)
+    args = ["--backend", "openai", "--base-url", server.base_url, "--limit", 4, "--samples", 3]
+    cli("generate", "-r", round_id, *args)
+    assert server.count == 4 and {r["n"] for r in server.requests} == {3}
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(ResponseRow.prompt_id, ResponseRow.sample_index, ResponseRow.seed)
+        ).all()
+    assert len(rows) == 12
+    for prompt_id in {r[0] for r in rows}:
+        seeds = {index: seed for p, index, seed in rows if p == prompt_id}
+        assert seeds[1] == seeds[2] == seeds[0]  # drawn in one request: the seed that request used
 
 
 def test_generation_resumes_and_pairs_once(cli: Cli, engine: Engine, server: fake.FakeOpenAI) -> None:

@@ -34,6 +34,9 @@ class Sample:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     """'stop' (end of turn) or 'length' (hit max_new_tokens)."""
+    seed: int | None = None
+    """The seed actually used, when the backend could not use the request's own (several
+    samples drawn in one server request share that request's seed)."""
 
 
 class Sampler(Protocol):

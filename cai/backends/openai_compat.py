@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -115,8 +116,9 @@ def _mentions_schema(exc: openai.BadRequestError) -> bool:
 
 
 class OpenAISampler:
-    """Sampler over an OpenAI-compatible server: requests run concurrently; each carries its seed
-    (servers that honour `seed`, such as vLLM, then reproduce the sample)."""
+    """Sampler over an OpenAI-compatible server. Requests for the same conversation are sent as
+    one request with `n` choices (one prefill on the server); a server that ignores `n` is asked
+    again for the rest. Each request carries a seed, which servers such as vLLM honour."""
 
     def __init__(
         self,
@@ -141,28 +143,40 @@ class OpenAISampler:
             base_url=self.base_url, api_key=self.api_key or "unused", timeout=self.timeout
         )
         semaphore = asyncio.Semaphore(self.concurrency)
+        results: list[Sample | None] = [None] * len(requests)
 
-        async def one(request: SampleRequest) -> Sample:
+        async def draw(indices: list[int]) -> None:
+            seed = requests[indices[0]].seed
             async with semaphore:
                 completion = await client.chat.completions.create(
                     model=self.model,
-                    messages=request.messages,  # type: ignore[arg-type]
+                    messages=requests[indices[0]].messages,  # type: ignore[arg-type]
                     temperature=params.temperature,
                     top_p=params.top_p,
                     max_tokens=params.max_new_tokens,
-                    seed=request.seed,
+                    seed=seed,
+                    n=len(indices),
                 )
             if not completion.choices:
                 raise RuntimeError(f"{self.base_url}: the server returned no choices")
-            choice, usage = completion.choices[0], completion.usage
-            return Sample(
-                text=(choice.message.content or "").strip(),
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                finish_reason=choice.finish_reason,
-            )
+            usage, shared = completion.usage, len(completion.choices) > 1
+            for index, choice in zip(indices, completion.choices, strict=False):
+                results[index] = Sample(
+                    text=(choice.message.content or "").strip(),
+                    prompt_tokens=usage.prompt_tokens if usage else None,
+                    # Usage covers all choices together; per-choice counts are unknown.
+                    completion_tokens=None if shared or not usage else usage.completion_tokens,
+                    finish_reason=choice.finish_reason,
+                    seed=seed if shared and index != indices[0] else None,
+                )
+            if len(indices) > len(completion.choices):
+                await draw(indices[len(completion.choices) :])
 
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.messages, sort_keys=True), []).append(index)
         try:
-            return list(await asyncio.gather(*(one(r) for r in requests)))
+            await asyncio.gather(*(draw(indices) for indices in groups.values()))
         finally:
             await client.close()
+        return [r for r in results if r is not None]
