@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,17 @@ async def calibrate(
     gold: list[GoldPair],
     canaries: list[GoldPair],
     options: JudgeOptions,
+    on_pair: Callable[[], None] | None = None,
 ) -> CalibrationReport:
+    """Judge every gold and canary pair in both orders; `on_pair` is called as each finishes."""
     semaphore = asyncio.Semaphore(options.concurrency)
 
     async def bounded(pair: GoldPair, better_is_a: bool) -> tuple[Verdict | None, Verdict | None]:
         async with semaphore:
-            return await _judge_pair(backend, templates, constitution, pair, better_is_a, options)
+            verdicts = await _judge_pair(backend, templates, constitution, pair, better_is_a, options)
+        if on_pair:
+            on_pair()
+        return verdicts
 
     # Alternate where the better response sits, so a judge that always says "A" scores 50 %.
     gold_results = await asyncio.gather(*(bounded(p, i % 2 == 0) for i, p in enumerate(gold)))

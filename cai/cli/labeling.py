@@ -333,18 +333,36 @@ def calibrate(
     config = spec.config("pairwise", templates)
     options = JudgeOptions(concurrency=concurrency, max_attempts=max_attempts, max_tokens=max_tokens)
 
-    async def go() -> CalibrationReport:
-        try:
-            return await run_calibration(
-                backend, templates, stored.constitution, gold_pairs, canary_pairs, options
-            )
-        finally:
-            await backend.aclose()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    err.print(
-        f"calibrating {config.model} on {len(gold_pairs)} gold pairs and {len(canary_pairs)} canaries, both orders"
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
-    report = asyncio.run(go())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(
+            f"calibrating {config.model}: gold and canary pairs, both orders",
+            total=len(gold_pairs) + len(canary_pairs),
+        )
+
+        async def go() -> CalibrationReport:
+            try:
+                return await run_calibration(
+                    backend,
+                    templates,
+                    stored.constitution,
+                    gold_pairs,
+                    canary_pairs,
+                    options,
+                    on_pair=lambda: progress.advance(task),
+                )
+            finally:
+                await backend.aclose()
+
+        report = asyncio.run(go())
     with transaction(ctx) as session:
         judge_id = work.ensure_judge(session, config)
         work.save_calibration(session, judge_id, stored.record.id, report)
