@@ -1,0 +1,157 @@
+"""Queries for export: each pair's effective label (a human override beats the judge) with the
+provenance a snapshot row carries, and the snapshots table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from cai.store.models import (
+    ConstitutionRow,
+    JudgeRow,
+    JudgmentRow,
+    LabelRow,
+    PairRow,
+    PolicyRow,
+    PrincipleRow,
+    PromptRow,
+    ResponseRow,
+    RoundRow,
+    SnapshotRow,
+)
+
+
+@dataclass(frozen=True)
+class LabelledPair:
+    pair_id: int
+    kind: str
+    prompt_sha256: str
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    verdict: str
+    confidence: float | None
+    source: str
+    """'human', 'rule' (rule principles decided it) or 'judge'."""
+    principle: str | None
+    judge: str | None
+
+
+def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
+    """Every pair of the round that has a label, with its effective label: the newest human
+    label if any, else the newest judge label. Ties are included (callers filter)."""
+    a, b = aliased(ResponseRow), aliased(ResponseRow)
+    rows = session.execute(
+        select(PairRow.id, PairRow.kind, PromptRow.sha256, PromptRow.messages, a.id, a.text, b.id, b.text)
+        .join(PromptRow, PromptRow.id == PairRow.prompt_id)
+        .join(a, a.id == PairRow.response_a_id)
+        .join(b, b.id == PairRow.response_b_id)
+        .where(PairRow.round_id == round_id)
+        .order_by(PairRow.id)
+    ).all()
+    pair_ids = [row[0] for row in rows]
+    labels: dict[int, LabelRow] = {}
+    for label in session.scalars(
+        select(LabelRow).where(LabelRow.pair_id.in_(pair_ids)).order_by(LabelRow.id)
+    ):
+        current = labels.get(label.pair_id)
+        if current is None or label.source == "human" or current.source != "human":
+            labels[label.pair_id] = label  # newest wins, and human beats judge
+    judges = dict(session.execute(select(JudgeRow.id, JudgeRow.model)).all())
+    principles: dict[int, str] = {}
+    rule_splits: set[int] = set()
+    for judged_pair, key, principle_kind, verdict in session.execute(
+        select(JudgmentRow.pair_id, PrincipleRow.key, PrincipleRow.kind, JudgmentRow.verdict)
+        .join(PrincipleRow, PrincipleRow.id == JudgmentRow.principle_id)
+        .where(JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.status == "ok")
+    ):
+        if judged_pair is None:
+            continue
+        if principle_kind == "llm":
+            principles.setdefault(judged_pair, key)
+        elif verdict in ("A", "B"):
+            rule_splits.add(judged_pair)
+    result = []
+    for pair_id, kind, prompt_sha, messages, a_id, a_text, b_id, b_text in rows:
+        effective = labels.get(pair_id)
+        if effective is None:
+            continue
+        texts = {a_id: a_text, b_id: b_text}
+        chosen = texts.get(effective.chosen_response_id or -1, "")
+        rejected = texts.get(effective.rejected_response_id or -1, "")
+        if effective.source == "human":
+            source = "human"
+        elif pair_id in rule_splits:
+            source = "rule"
+        else:
+            source = "judge"
+        result.append(
+            LabelledPair(
+                pair_id=pair_id,
+                kind=kind,
+                prompt_sha256=prompt_sha,
+                prompt=messages,
+                chosen=chosen,
+                rejected=rejected,
+                verdict=effective.verdict,
+                confidence=effective.confidence,
+                source=source,
+                principle=principles.get(pair_id),
+                judge=judges.get(effective.judge_id) if effective.judge_id else None,
+            )
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class RoundProvenance:
+    round_id: int
+    constitution: dict[str, Any]
+    policy: dict[str, Any]
+    judges: list[dict[str, Any]]
+
+
+def round_provenance(session: Session, round_id: int) -> RoundProvenance:
+    round_row = session.get_one(RoundRow, round_id)
+    constitution = session.get_one(ConstitutionRow, round_row.constitution_id)
+    policy = session.get_one(PolicyRow, round_row.policy_id)
+    judge_ids = select(LabelRow.judge_id).where(
+        LabelRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id))
+    )
+    judges = [
+        {"backend": j.backend, "model": j.model, "mode": j.mode, "config_sha256": j.config_sha256}
+        for j in session.scalars(select(JudgeRow).where(JudgeRow.id.in_(judge_ids)).order_by(JudgeRow.id))
+    ]
+    return RoundProvenance(
+        round_id=round_id,
+        constitution={
+            "name": constitution.name,
+            "version": constitution.version,
+            "sha256": constitution.sha256,
+        },
+        policy={"name": policy.name, "model_ref": policy.model_ref, "parent_id": policy.parent_id},
+        judges=judges,
+    )
+
+
+def record_snapshot(
+    session: Session,
+    round_id: int,
+    path: str,
+    manifest_sha256: str,
+    counts: dict[str, Any],
+    filters: dict[str, Any],
+) -> tuple[int, bool]:
+    """(snapshot id, created): an identical manifest is the same snapshot, stored once."""
+    existing = session.scalar(select(SnapshotRow.id).where(SnapshotRow.manifest_sha256 == manifest_sha256))
+    if existing is not None:
+        return existing, False
+    row = SnapshotRow(
+        round_id=round_id, path=path, manifest_sha256=manifest_sha256, counts=counts, filters=filters
+    )
+    session.add(row)
+    session.flush()
+    return row.id, True
