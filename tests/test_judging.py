@@ -205,23 +205,25 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
-def test_each_fault_is_retried_then_succeeds(fault: fake.Fault) -> None:
+def judge_against(*faults: fake.Fault, max_attempts: int = 3) -> Any:
+    """One judge call (with retries) against a fresh server that serves `faults` first."""
+
     async def go() -> Any:
         with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
-            server.inject(fault)
+            server.inject(*faults)
             backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
+            options = JudgeOptions(max_attempts=max_attempts, backoff_base=0.01)
             try:
-                return await judge_once(
-                    backend,
-                    _request(),
-                    pairwise_parser("AB"),
-                    JudgeOptions(max_attempts=3, backoff_base=0.01),
-                )
+                return await judge_once(backend, _request(), pairwise_parser("AB"), options)
             finally:
                 await backend.aclose()
 
-    outcome = asyncio.run(go())
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_each_fault_is_retried_then_succeeds(fault: fake.Fault) -> None:
+    outcome = judge_against(fault)
     assert isinstance(outcome.parsed, Verdict) and outcome.parsed.verdict == "A"
     assert outcome.attempts == 2
 
@@ -238,21 +240,7 @@ def test_each_fault_is_retried_then_succeeds(fault: fake.Fault) -> None:
 def test_exhausted_retries_are_recorded_with_reason_and_raw_text(
     fault: fake.Fault, kind: str, reason: str
 ) -> None:
-    async def go() -> Any:
-        with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
-            server.inject(fault, fault, fault)
-            backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
-            try:
-                return await judge_once(
-                    backend,
-                    _request(),
-                    pairwise_parser("AB"),
-                    JudgeOptions(max_attempts=3, backoff_base=0.01),
-                )
-            finally:
-                await backend.aclose()
-
-    outcome = asyncio.run(go())
+    outcome = judge_against(fault, fault, fault)
     assert outcome.parsed is None
     assert outcome.error_kind == kind and reason in (outcome.error or "")
     if kind == "parse":

@@ -15,6 +15,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
@@ -86,6 +87,20 @@ def transaction(ctx: typer.Context) -> Iterator[Session]:
 
     with session_scope(engine(ctx)) as session:
         yield session
+
+
+def progress_bar(*extra_columns: str) -> Progress:
+    """The progress display every long command uses (on stderr, so --json output stays clean)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, *extra_columns, console=err)
 
 
 def print_json(value: Any) -> None:

@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cai.cli.app import JSON_OPTION, engine, err, new_app, out, print_json, settings, transaction
+from cai.cli.app import (
+    JSON_OPTION,
+    engine,
+    err,
+    new_app,
+    out,
+    print_json,
+    progress_bar,
+    settings,
+    transaction,
+)
 from cai.registry import EMBEDDED_MODEL
 
 if TYPE_CHECKING:
@@ -69,8 +79,6 @@ def generate(
     Resumable: a rerun samples only what is missing."""
     from dataclasses import asdict
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
     from cai.backends import make_sampler
     from cai.backends.base import SamplingParams
     from cai.generate import run_generation
@@ -90,14 +98,7 @@ def generate(
         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
     )
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    columns = (
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"round {round_id}: sampling", total=None)
 
         def on_batch(done: int, total: int) -> None:
@@ -226,17 +227,8 @@ def judge(
 
 
 async def _run_with_progress(run: JudgeRun, pending: int, phase: str) -> RunStats:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        "{task.fields[failed]} failed",
-    )
-    with Progress(*columns, console=err) as progress:
+    with progress_bar("{task.fields[failed]} failed") as progress:
         label = {"sample": "judging pairs", "revision": "judging revisions"}.get(phase, phase)
         task = progress.add_task(f"round {run.round_id}: {label}", total=pending, failed=0)
 
@@ -333,16 +325,7 @@ def calibrate(
     config = spec.config("pairwise", templates)
     options = JudgeOptions(concurrency=concurrency, max_attempts=max_attempts, max_tokens=max_tokens)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(
             f"calibrating {config.model}: gold and canary pairs, both orders",
             total=len(gold_pairs) + len(canary_pairs),
