@@ -91,6 +91,8 @@ def write_snapshot(
     try:
         files = {}
         for split, rows in splits.items():
+            if not rows:
+                continue  # datasets cannot read a 0-row parquet file: an empty split has no file
             name = f"data/{split}-00000-of-00001.parquet"
             _write_parquet(tmp / name, rows)
             files[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()

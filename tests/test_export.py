@@ -99,6 +99,17 @@ def test_human_override_replaces_the_judge(
     assert "GOOD" not in overridden["chosen"][0]["content"]  # the human's choice, not the judge's
 
 
+def test_an_empty_eval_split_has_no_file_and_still_loads(
+    cli: Cli, labelled_round: int, tmp_path: Path
+) -> None:
+    import datasets
+
+    manifest = export(cli, labelled_round, tmp_path / "snap", "--eval-fraction", 0.0)
+    assert manifest["counts"]["eval"] == 0
+    assert list(manifest["files"]) == ["data/train-00000-of-00001.parquet"]
+    assert set(datasets.load_dataset(str(tmp_path / "snap"))) == {"train"}
+
+
 def test_filters(cli: Cli, labelled_round: int, tmp_path: Path) -> None:
     everything = export(cli, labelled_round, tmp_path / "all")
     total = everything["counts"]["train"] + everything["counts"]["eval"]
