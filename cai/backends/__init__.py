@@ -30,15 +30,26 @@ def make_sampler(
 
         return OpenAISampler(base_url, policy_name, api_key=api_key, concurrency=batch_size)
     if backend == "hf":
-        from cai.backends.hf import HFSampler, ensure_local_model
+        from cai.backends.hf import HFSampler
 
-        ref = resolve_model(policy_name if policy_name == EMBEDDED_MODEL else model_ref)
-        return HFSampler(ensure_local_model(ref, cache_dir), name=policy_name, batch_size=batch_size)
+        return HFSampler(
+            policy_location(policy_name, model_ref, cache_dir), name=policy_name, batch_size=batch_size
+        )
     if backend == "vllm":
         from cai.backends.vllm import VLLMSampler
 
         return VLLMSampler(model_ref if policy_name != EMBEDDED_MODEL else policy_name)
     raise BadInput(f"--backend: {backend!r} is not one of {', '.join(SAMPLER_BACKENDS)}")
+
+
+def policy_location(policy_name: str, model_ref: str, cache_dir: Path | None = None) -> Path | str:
+    """What `from_pretrained` loads for a stored policy: the embedded model's converted cache,
+    a trained policy's directory, or a hub id."""
+    from cai.backends.convert import ensure_local_model
+
+    return ensure_local_model(
+        resolve_model(policy_name if policy_name == EMBEDDED_MODEL else model_ref), cache_dir
+    )
 
 
 def make_judge(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cai.cli import constitution, db, export, labeling, prompts, rounds, templates
+from cai.cli import constitution, db, export, labeling, prompts, rounds, templates, train
 from cai.cli.app import new_app
 
 app = new_app(
@@ -20,6 +20,7 @@ app.add_typer(templates.app, name="templates")
 app.command("generate")(labeling.generate)
 app.add_typer(labeling.judge_app, name="judge")
 app.command("export")(export.export)
+app.command("train")(train.train)
 
 
 @app.callback()

@@ -1,0 +1,314 @@
+"""The training stage: DPO (TRL's DPOTrainer) on a snapshot directory, writing a model directory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cai.errors import BadInput
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel
+
+OnLog = Callable[[int, dict[str, float]], None]
+SPLITS = ("train", "eval")
+
+
+@functools.cache
+def trl_loss_types() -> tuple[str, ...]:
+    """The loss types the installed TRL accepts. DPOConfig types `loss_type` as `list[str]`; the only
+    list of allowed values it carries is its help text, so read the quoted names from there."""
+    from trl import DPOConfig
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata.get("help", "")
+    return tuple(dict.fromkeys(re.findall(r"`'([a-z_]+)'`", help_text)))
+
+
+class TrainConfig(BaseModel):
+    """DPO settings. The defaults are for a short CPU run on a small model (SmolLM2-135M); the
+    numbers behind them come from bench/train.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    # TRL's 1e-6 suits long GPU runs; a CPU demo round is a few dozen steps, and 5e-6 moves a 135M
+    # policy visibly in that many while staying well inside DPO's stable range at beta 0.1.
+    learning_rate: float = Field(default=5e-6, gt=0)
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = Field(default=8, ge=1)  # 8 beat 4 per token on CPU (bench)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    # Judged responses are short; 512 bounds the padded batch (TRL's 1024 only adds padding on CPU).
+    max_length: int | None = Field(default=512, ge=16)
+    lora_r: int | None = Field(default=None, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    # Measured with bench/train.py (random Llama, hidden 256, SmolLM2's 49k vocabulary, where the
+    # log-prob head dominates): the up-front reference pass cost more than it saved (32 pairs:
+    # 19.8 s without vs 22.5 s with, batch 8). On a deeper model the balance may flip: re-measure.
+    precompute_ref_log_probs: bool = False
+    # Recomputing activations buys memory, not speed; on CPU memory is not the limit (65.9 s with,
+    # 65.0 s without, for 10 steps). TRL turns it on by default.
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = Field(default=1, ge=1)
+    save_steps: int = Field(default=50, ge=1)  # a checkpoint to resume from; only the latest is kept
+    report_to_tensorboard: bool = False
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: list[str]) -> list[str]:
+        known = trl_loss_types()
+        if not value:
+            raise ValueError("give at least one loss type")
+        unknown = [v for v in value if known and v not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown loss type {', '.join(unknown)}; the installed TRL accepts {', '.join(known)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> TrainConfig:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types"
+            )
+        return self
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a YAML or JSON file (JSON is YAML), with `overrides` on top; overrides that
+    are None are ignored, so a CLI can pass its unset options through. Raises BadInput naming the
+    file and every bad field."""
+    where = str(path) if path is not None else "train config"
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise BadInput(f"{path}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise BadInput(f"{path}: not valid YAML or JSON: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise BadInput(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values = dict(loaded or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except ValidationError as e:
+        problems = [
+            f"{where}: {'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}"
+            for err in e.errors()
+        ]
+        raise BadInput("\n".join(problems), problems) from None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict[str, float]
+    """The run's summary (train_loss, train_runtime...) plus eval_* metrics when the snapshot has an eval split."""
+    steps: int
+    model_dir: Path
+    """output_dir/final: the trained model and tokenizer (LoRA runs are merged into the base)."""
+    resumed_from: Path | None
+    """The checkpoint this run continued from, or None for a fresh run."""
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
+
+def load_snapshot(snapshot_dir: Path, cache_dir: Path | None = None) -> dict[str, Dataset]:
+    """The snapshot's non-empty splits ('train', 'eval') as datasets. Refuses a directory without
+    manifest.json: the snapshot writer adds it last, so without it the snapshot is incomplete."""
+    from datasets import load_dataset
+
+    snapshot_dir = Path(snapshot_dir)
+    if not (snapshot_dir / "manifest.json").is_file():
+        raise BadInput(f"{snapshot_dir}: not a snapshot (no manifest.json); export one first")
+    import pyarrow.parquet as pq
+
+    data_files: dict[str, list[str]] = {}
+    for split in SPLITS:
+        # datasets cannot load an empty parquet file (0-row row group: "BatchSize must be greater
+        # than 0"; no row group: "corresponds to no data"), so leave empty splits out.
+        files = [str(f) for f in sorted((snapshot_dir / "data").glob(f"{split}-*.parquet"))]
+        if files and sum(pq.ParquetFile(f).metadata.num_rows for f in files) > 0:
+            data_files[split] = files
+    if "train" not in data_files:
+        raise BadInput(f"{snapshot_dir}: the snapshot has no training pairs")
+    loaded = load_dataset("parquet", data_files=data_files, cache_dir=str(cache_dir) if cache_dir else None)
+    return {split: loaded[split] for split in data_files}
+
+
+def train_dpo(
+    snapshot_dir: Path,
+    policy_dir: Path,
+    output_dir: Path,
+    config: TrainConfig,
+    reference_dir: Path | None = None,
+    on_log: OnLog | None = None,
+) -> TrainResult:
+    """Train `policy_dir` (a transformers model dir with its tokenizer) with DPO on the snapshot's
+    train split against the reference (default: the policy itself, the round's starting point).
+    Checkpoints go to `output_dir` and a rerun resumes from the latest; the final model and
+    tokenizer land in `output_dir/final`. `on_log(step, metrics)` gets every training log (loss,
+    rewards/*, logps/*...) and the final eval metrics."""
+    snapshot_dir, policy_dir, output_dir = Path(snapshot_dir), Path(policy_dir), Path(output_dir)
+    reference_dir = Path(reference_dir) if reference_dir is not None else None
+    _check_optional_dependencies(config)
+    splits = load_snapshot(snapshot_dir, cache_dir=output_dir / "cache")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import DPOTrainer
+
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if not tokenizer.chat_template:
+        raise BadInput(f"{policy_dir}: the tokenizer has no chat template; DPO on chat data needs one")
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
+
+    same_reference = reference_dir is None or reference_dir.resolve() == policy_dir.resolve()
+    ref_model: PreTrainedModel | None = None
+    # Without ref_model TRL would load one from config._name_or_path, except when the policy as
+    # loaded here (before a resume restores checkpoint weights) serves as the reference: with
+    # LoRA (adapters disabled) or for precomputed log-probs. Then no second copy is needed at all.
+    if not (same_reference and (config.lora_r is not None or config.precompute_ref_log_probs)):
+        ref_model = AutoModelForCausalLM.from_pretrained(reference_dir or policy_dir, dtype=dtype)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    last = get_last_checkpoint(str(output_dir))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_args(config, output_dir, gpu=gpu),
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("eval"),
+        processing_class=tokenizer,
+        callbacks=[_log_forwarder(on_log)] if on_log else None,
+        peft_config=_lora_config(config),
+    )
+    summary = trainer.train(resume_from_checkpoint=last)
+    metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
+    if "eval" in splits:
+        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
+
+    final = output_dir / "final"
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if config.lora_r is not None:
+        trained = trained.merge_and_unload()  # a plain model dir: every backend loads it as is
+    _save_atomically(final, lambda tmp: (trained.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return TrainResult(
+        metrics=metrics,
+        steps=trainer.state.global_step,
+        model_dir=final,
+        resumed_from=Path(last) if last else None,
+    )
+
+
+def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
+    """The DPOConfig for `config`: bf16 on a GPU, float32 on CPU (TRL defaults to bf16 everywhere)."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=config.beta,
+        loss_type=list(config.loss_type),
+        loss_weights=config.loss_weights,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        # Checkpoints (model, optimizer, scheduler, RNG) are what a killed run resumes from; one is enough.
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        eval_strategy="no",  # the eval split is scored once, after training
+        dataloader_num_workers=0,  # worker processes only add fork and pickling cost on 2 cores
+        report_to=["tensorboard"] if config.report_to_tensorboard else "none",
+        use_cpu=not gpu,
+        bf16=gpu,
+    )
+
+
+def _check_optional_dependencies(config: TrainConfig) -> None:
+    import importlib.util
+
+    if config.lora_r is not None and importlib.util.find_spec("peft") is None:
+        raise BadInput("lora_r needs the peft library: pip install peft")
+    if config.report_to_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise BadInput("report_to_tensorboard needs tensorboard: pip install tensorboard")
+
+
+def _lora_config(config: TrainConfig) -> Any:
+    if config.lora_r is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _log_forwarder(on_log: OnLog) -> Any:
+    """A TrainerCallback handing each training log (and the final eval) to `on_log`; the end-of-run
+    summary (train_runtime...) goes into TrainResult.metrics instead."""
+    from transformers import TrainerCallback
+
+    class LogForwarder(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if logs and "train_runtime" not in logs:
+                on_log(
+                    state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+                )
+
+    return LogForwarder()
+
+
+def _save_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    """Write into a temp dir beside `target`, then swap it in: `target` is only ever complete."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
