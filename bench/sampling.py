@@ -21,10 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cai.backends.base import SampleRequest, SamplingParams  # noqa: E402
-from cai.backends.convert import build_atomically, file_key  # noqa: E402
 from cai.backends.hf import HFSampler  # noqa: E402
-from cai.registry import embedded_gguf  # noqa: E402
-from tests.tiny_model import build_tiny_model, save_smollm2_tokenizer  # noqa: E402
+from tests.tiny_model import build_tiny_model, cached_smollm2_tokenizer  # noqa: E402
 
 TOPICS = [
     "the moon", "bread", "rivers", "chess", "volcanoes", "jazz", "python", "trains",
@@ -60,11 +58,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
 
-    gguf = embedded_gguf()
-    # Reading the tokenizer from the GGUF takes ~10 s; keep it between runs.
-    tokenizer_dir = build_atomically(
-        Path(tempfile.gettempdir()) / f"cai-bench-smollm2-tokenizer-{file_key(gguf)}", save_smollm2_tokenizer
-    )
+    # Kept between runs: reading the tokenizer from the GGUF takes ~10 s.
+    tokenizer_dir = cached_smollm2_tokenizer(Path(tempfile.gettempdir()) / "cai-bench")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(
             Path(tmp), tokenizer_dir, hidden=args.hidden, layers=args.layers, heads=args.hidden // 32

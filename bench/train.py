@@ -26,11 +26,9 @@ sys.path.insert(0, str(REPO))
 from transformers import AutoTokenizer  # noqa: E402
 from trl import DPOConfig  # noqa: E402
 
-from cai.backends.convert import build_atomically, file_key  # noqa: E402
-from cai.registry import embedded_gguf  # noqa: E402
 from cai.train import TrainConfig, train_dpo  # noqa: E402
 from tests.test_train import synthetic_pairs, write_snapshot  # noqa: E402
-from tests.tiny_model import build_tiny_model, save_smollm2_tokenizer  # noqa: E402
+from tests.tiny_model import build_tiny_model, cached_smollm2_tokenizer  # noqa: E402
 
 
 def trl_defaults(tmp: Path) -> TrainConfig:
@@ -75,11 +73,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
 
-    gguf = embedded_gguf()
-    # Reading the tokenizer from the GGUF takes ~10 s; keep it between runs.
-    tokenizer_dir = build_atomically(
-        Path(tempfile.gettempdir()) / f"cai-bench-smollm2-tokenizer-{file_key(gguf)}", save_smollm2_tokenizer
-    )
+    # Kept between runs: reading the tokenizer from the GGUF takes ~10 s.
+    tokenizer_dir = cached_smollm2_tokenizer(Path(tempfile.gettempdir()) / "cai-bench")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir = build_tiny_model(

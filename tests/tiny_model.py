@@ -20,6 +20,12 @@ def save_smollm2_tokenizer(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def cached_smollm2_tokenizer(root: Path) -> Path:
+    """The embedded model's tokenizer saved under `root`, read from the GGUF only once: that read
+    takes ~10 s, since transformers parses all the GGUF's metadata."""
+    return build_atomically(root / f"smollm2-{file_key(embedded_gguf())}", save_smollm2_tokenizer)
+
+
 def build_tiny_model(
     out: Path, tokenizer_dir: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
 ) -> Path:
@@ -54,7 +60,7 @@ def smollm2_tokenizer_dir(request: pytest.FixtureRequest, tmp_path_factory: pyte
     # it in pytest's cache between runs when the cache is enabled; otherwise in this session's tmp.
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir("cai-tokenizers") if cache is not None else tmp_path_factory.mktemp("tokenizers")
-    return build_atomically(root / f"smollm2-{file_key(embedded_gguf())}", save_smollm2_tokenizer)
+    return cached_smollm2_tokenizer(root)
 
 
 @pytest.fixture(scope="session")
