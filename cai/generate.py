@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from cai.backends.base import Sampler, SampleRequest, SamplingParams
-from cai.store import work
+from cai.store import repo, work
 from cai.store.db import session_scope
 
 
@@ -54,7 +54,8 @@ def run_generation(
     `on_batch(done, total)` reports progress in responses."""
     params = params or SamplingParams()
     with session_scope(engine) as session:
-        policy_id, seed = work.round_policy_and_seed(session, round_id)
+        round_ = repo.get_round(session, round_id)
+        policy_id, seed = round_.policy_id, int(round_.config.get("seed", 0))
         prompts = work.round_prompts(session, round_id, limit)
         stored = work.stored_samples(session, round_id, policy_id)
         work.set_round_status(session, round_id, "generating")

@@ -73,10 +73,9 @@ async def judge_round(
     if min_calibration is not None:
         # Calibration measures the judge's pairwise verdicts, whatever the mode of this run.
         with session_scope(engine) as session:
-            constitution_id = repo.get_round_constitution_id(session, round_id)
-            _require_calibration(
-                session, _judge_id(session, pairwise), constitution_id, min_calibration, spec.model
-            )
+            constitution_id = repo.get_round(session, round_id).constitution_id
+            judge_id = work.ensure_judge(session, pairwise)
+            _require_calibration(session, judge_id, constitution_id, min_calibration, spec.model)
     run = (engine, round_id, backend, templates, options, runner, result)
     if mode == "score":
         labelling = spec.config("score", templates)
@@ -86,22 +85,20 @@ async def judge_round(
         if not await _phase(*run, reviser, "revise"):
             with session_scope(engine) as session:
                 work.lock_round(session, round_id)
-                work.materialise_revisions(session, round_id, _judge_id(session, reviser))
+                work.materialise_revisions(session, round_id, work.ensure_judge(session, reviser))
             await _phase(*run, pairwise, "revision")
     else:
         labelling = pairwise
         await _phase(*run, pairwise, "sample")
     with session_scope(engine) as session:
-        result.summary = work.judge_summary(session, round_id, _judge_id(session, labelling))
-        constitution_id = repo.get_round_constitution_id(session, round_id)
-        result.calibration = work.latest_calibration(session, _judge_id(session, pairwise), constitution_id)
+        result.summary = work.judge_summary(session, round_id, work.ensure_judge(session, labelling))
+        constitution_id = repo.get_round(session, round_id).constitution_id
+        result.calibration = work.latest_calibration(
+            session, work.ensure_judge(session, pairwise), constitution_id
+        )
         if result.summary.pending == 0 and not result.stats.stopped_by_budget:
             work.set_round_status(session, round_id, "judged")
     return result
-
-
-def _judge_id(session: Session, config: work.JudgeConfig) -> int:
-    return work.ensure_judge(session, config)
 
 
 async def _phase(

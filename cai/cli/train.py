@@ -74,13 +74,12 @@ def train(
     with transaction(ctx) as session:
         round_ = repo.get_round(session, round_id)
         policy = repo.get_policy(session, round_.policy)
-        _, constitution_id = training.round_policy_ids(session, round_id)
         if snapshot is None:
             stored = training.latest_snapshot(session, round_id)
             snapshot_dir = Path(stored.path)
         else:
             snapshot_dir = snapshot
-        load_manifest(snapshot_dir)  # complete and unaltered, or refused
+        load_manifest(snapshot_dir)  # complete and unaltered, or refused before any run is recorded
         digest = manifest_sha256(snapshot_dir)
         snapshot_row = training.snapshot_by_manifest(session, digest)
         if snapshot_row is None:
@@ -131,7 +130,7 @@ def train(
             f"{policy.name}+dpo-r{round_id}-t{run_id}",
             policy.id,
             digest,
-            constitution_id,
+            round_.constitution_id,
             settings_json,
         )
         work.set_round_status(session, round_id, "trained")

@@ -304,6 +304,8 @@ class RoundRecord:
     config: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    constitution_id: int
+    policy_id: int
 
 
 def create_round(
@@ -345,14 +347,9 @@ def get_round(session: Session, round_id: int) -> RoundRecord:
         row.config,
         row.created_at,
         row.updated_at,
+        row.constitution_id,
+        row.policy_id,
     )
-
-
-def get_round_constitution_id(session: Session, round_id: int) -> int:
-    row = session.get(RoundRow, round_id)
-    if row is None:
-        raise NotFound(f"round {round_id} not found")
-    return row.constitution_id
 
 
 def list_rounds(session: Session) -> list[RoundRecord]:

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cai.errors import NotFound
-from cai.store.models import PolicyRow, RoundRow, SnapshotRow, TrainingRunRow, TrainingStepRow, utcnow
+from cai.store.models import PolicyRow, SnapshotRow, TrainingRunRow, TrainingStepRow, utcnow
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,3 @@ def training_steps(session: Session, run_id: int) -> list[tuple[int, dict[str, A
         .order_by(TrainingStepRow.step)
     )
     return [(step, metrics) for step, metrics in rows]
-
-
-def round_policy_ids(session: Session, round_id: int) -> tuple[int, int]:
-    """(policy id, constitution id) of a round."""
-    row = session.get(RoundRow, round_id)
-    if row is None:
-        raise NotFound(f"round {round_id} not found")
-    return row.policy_id, row.constitution_id

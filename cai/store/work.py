@@ -54,11 +54,6 @@ def round_prompts(session: Session, round_id: int, limit: int | None = None) -> 
     return [PromptWork(pid, messages) for pid, messages in session.execute(query)]
 
 
-def round_policy_and_seed(session: Session, round_id: int) -> tuple[int, int]:
-    row = session.get_one(RoundRow, round_id)
-    return row.policy_id, int(row.config.get("seed", 0))
-
-
 def stored_samples(session: Session, round_id: int, policy_id: int) -> dict[tuple[int, int], tuple[int, str]]:
     """(prompt id, sample index) -> (response id, text) for what is already generated."""
     rows = session.execute(
