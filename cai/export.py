@@ -127,7 +127,7 @@ def load_manifest(snapshot: Path) -> dict[str, Any]:
     """The manifest of a complete, unaltered snapshot; BadInput for anything else."""
     path = Path(snapshot) / MANIFEST
     if not path.is_file():
-        raise BadInput(f"{snapshot}: not a snapshot (no {MANIFEST}; an interrupted export leaves none)")
+        raise BadInput(f"{snapshot}: not a snapshot (no {MANIFEST}): an interrupted export leaves none")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

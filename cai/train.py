@@ -138,14 +138,15 @@ class TrainResult:
 
 
 def load_snapshot(snapshot_dir: Path, cache_dir: Path | None = None) -> dict[str, Dataset]:
-    """The snapshot's non-empty splits ('train', 'eval') as datasets. Refuses a directory without
-    manifest.json: the snapshot writer adds it last, so without it the snapshot is incomplete."""
+    """The snapshot's non-empty splits ('train', 'eval') as datasets. Refuses an incomplete or
+    altered snapshot (no manifest.json, or files that no longer match it)."""
+    import pyarrow.parquet as pq
     from datasets import load_dataset
 
+    from cai.export import load_manifest
+
     snapshot_dir = Path(snapshot_dir)
-    if not (snapshot_dir / "manifest.json").is_file():
-        raise BadInput(f"{snapshot_dir}: not a snapshot (no manifest.json); export one first")
-    import pyarrow.parquet as pq
+    load_manifest(snapshot_dir)
 
     data_files: dict[str, list[str]] = {}
     for split in SPLITS:
