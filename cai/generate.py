@@ -52,40 +52,15 @@ def run_generation(
 ) -> GenerationStats:
     """Sample what is missing, then pair every prompt whose samples are all stored.
     `on_batch(done, total)` reports progress in responses."""
-    params = params or SamplingParams()
     with session_scope(engine) as session:
         round_ = repo.get_round(session, round_id)
         policy_id, seed = round_.policy_id, int(round_.config.get("seed", 0))
         prompts = work.round_prompts(session, round_id, limit)
-        stored = work.stored_samples(session, round_id, policy_id)
         work.set_round_status(session, round_id, "generating")
     stats = GenerationStats(prompts=len(prompts))
-    todo = [(p, i) for p in prompts for i in range(samples) if (p.id, i) not in stored]
-    stats.already_stored = len(prompts) * samples - len(todo)
-    if on_batch:
-        on_batch(0, len(todo))
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        requests = [SampleRequest(p.messages, sample_seed(seed, p.id, i)) for p, i in batch]
-        results = sampler.sample(requests, params)
-        with session_scope(engine) as session:
-            for (prompt, index), request, result in zip(batch, requests, results, strict=True):
-                work.add_response(
-                    session,
-                    round_id=round_id,
-                    prompt_id=prompt.id,
-                    policy_id=policy_id,
-                    sample_index=index,
-                    text=result.text,
-                    sampling={**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model},
-                    seed=request.seed if result.seed is None else result.seed,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    finish_reason=result.finish_reason,
-                )
-        stats.sampled += len(batch)
-        if on_batch:
-            on_batch(stats.sampled, len(todo))
+    stats.sampled, stats.already_stored = sample_missing(
+        engine, round_id, policy_id, sampler, prompts, samples, seed, params, batch_size, "sample", on_batch
+    )
     with session_scope(engine) as session:
         stored = work.stored_samples(session, round_id, policy_id)
         for prompt in prompts:
@@ -97,3 +72,51 @@ def run_generation(
             stats.pairs_added += work.add_pairs(session, round_id, prompt.id, pairs)
         work.set_round_status(session, round_id, "generated")
     return stats
+
+
+def sample_missing(
+    engine: Engine,
+    round_id: int,
+    policy_id: int,
+    sampler: Sampler,
+    prompts: list[work.PromptWork],
+    samples: int,
+    seed: int,
+    params: SamplingParams | None = None,
+    batch_size: int = 16,
+    origin: str = "sample",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Sample the (prompt, index) responses of `policy_id` not stored yet, committing each batch;
+    returns (sampled now, already stored)."""
+    params = params or SamplingParams()
+    with session_scope(engine) as session:
+        stored = work.stored_samples(session, round_id, policy_id, origin)
+    todo = [(p, i) for p in prompts for i in range(samples) if (p.id, i) not in stored]
+    if on_batch:
+        on_batch(0, len(todo))
+    sampled = 0
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        requests = [SampleRequest(p.messages, sample_seed(seed, p.id, i)) for p, i in batch]
+        results = sampler.sample(requests, params)
+        with session_scope(engine) as session:
+            for (prompt, index), request, result in zip(batch, requests, results, strict=True):
+                work.add_response(
+                    session,
+                    origin=origin,
+                    round_id=round_id,
+                    prompt_id=prompt.id,
+                    policy_id=policy_id,
+                    sample_index=index,
+                    text=result.text,
+                    sampling={**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model},
+                    seed=request.seed if result.seed is None else result.seed,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    finish_reason=result.finish_reason,
+                )
+        sampled += len(batch)
+        if on_batch:
+            on_batch(sampled, len(todo))
+    return sampled, len(prompts) * samples - len(todo)

@@ -21,6 +21,7 @@ from cai.store.db import session_scope
 from cai.templates import TemplateSet
 
 TEMPLATES = {"pairwise": "judge_pairwise", "score": "judge_score", "revise": "revision"}
+PAIR_PHASES = ("sample", "revision", work.EVAL_KIND)
 Runner = Callable[[JudgeRun, int, str], Coroutine[Any, Any, RunStats]]
 
 
@@ -51,7 +52,7 @@ class RoundJudgement:
     """The judge's latest calibration under this constitution (accuracy, injection-follow rate)."""
 
 
-async def _plain_runner(run: JudgeRun, pending: int, phase: str) -> RunStats:
+async def plain_runner(run: JudgeRun, pending: int, phase: str) -> RunStats:
     return await run.run()
 
 
@@ -64,7 +65,7 @@ async def judge_round(
     options: JudgeOptions,
     mode: str = "pairwise",
     min_calibration: float | None = None,
-    runner: Runner = _plain_runner,
+    runner: Runner = plain_runner,
 ) -> RoundJudgement:
     if mode not in TEMPLATES:
         raise BadInput(f"--mode: {mode!r} is not one of {', '.join(TEMPLATES)}")
@@ -112,8 +113,9 @@ async def _phase(
     config: work.JudgeConfig,
     phase: str,
 ) -> bool:
-    """phase: 'sample' or 'revision' (pairs of that kind, judged pairwise), 'score' or 'revise'.
-    Returns True when the budget stopped it."""
+    """phase: 'sample', 'revision' or 'eval' (pairs of that kind, judged pairwise), 'score' or
+    'revise'. Returns True when the budget stopped it."""
+    evaluation = phase == work.EVAL_KIND
     with session_scope(engine) as session:
         work.lock_round(session, round_id)  # concurrent workers plan one at a time
         round_ = repo.get_round(session, round_id)
@@ -123,19 +125,40 @@ async def _phase(
         rules_judge_id = work.ensure_judge(session, work.RULES_JUDGE)
         seed = int(round_.config.get("seed", 0))
         common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
-        if phase in ("sample", "revision"):
-            planned = work.plan_judgments(session, round_id, judge_id, rules_judge_id, *common, kind=phase)
+        if phase in PAIR_PHASES:
+            planned = work.plan_judgments(
+                session,
+                round_id,
+                judge_id,
+                rules_judge_id,
+                *common,
+                kind=phase,
+                rules_first=options.rules_first,
+            )
         else:
             planned = work.plan_single(
                 session, round_id, judge_id, *common, first_sample_only=phase == "revise"
             )
         result.planned += planned
-        result.retried += work.reset_failures(session, round_id, judge_id, every_failure=options.retry_failed)
+        result.retried += work.reset_failures(
+            session, round_id, judge_id, every_failure=options.retry_failed, evaluation=evaluation
+        )
         result.reclaimed += work.release_dead_local_claims(session)
-        work.set_round_status(session, round_id, "judging")
-        pending = work.pending_count(session, round_id, judge_id)
-    mode = "pairwise" if phase in ("sample", "revision") else phase
-    run = JudgeRun(engine, round_id, judge_id, stored.constitution, backend, templates, options, mode=mode)
+        if not evaluation:
+            work.set_round_status(session, round_id, "judging")
+        pending = work.pending_count(session, round_id, judge_id, evaluation)
+    mode = "pairwise" if phase in PAIR_PHASES else phase
+    run = JudgeRun(
+        engine,
+        round_id,
+        judge_id,
+        stored.constitution,
+        backend,
+        templates,
+        options,
+        mode=mode,
+        evaluation=evaluation,
+    )
     stats = await runner(run, pending, phase)
     _merge(result.stats, stats)
     with session_scope(engine) as session:
@@ -145,6 +168,32 @@ async def _phase(
         elif phase in ("sample", "revision"):
             work.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
     return stats.stopped_by_budget
+
+
+async def judge_evaluation(
+    engine: Engine,
+    round_id: int,
+    spec: JudgeSpec,
+    backend: ChatBackend,
+    templates: TemplateSet,
+    options: JudgeOptions,
+    runner: Runner = plain_runner,
+) -> RoundJudgement:
+    """Judge the round's evaluation pairs pairwise, in both orders, with the labeling judge's
+    identity; no labels are made (cai.evaluate tallies the verdicts)."""
+    result = RoundJudgement(work.JudgeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0.0), RunStats(), 0, 0, 0)
+    await _phase(
+        engine,
+        round_id,
+        backend,
+        templates,
+        options,
+        runner,
+        result,
+        spec.config("pairwise", templates),
+        "eval",
+    )
+    return result
 
 
 def _merge(total: RunStats, more: RunStats) -> None:

@@ -45,6 +45,8 @@ class JudgeOptions:
     """Also retry items that failed to parse or were refused (transient failures always are)."""
     flush_every_s: float = 0.25
     max_tokens: int = 384
+    rules_first: bool = False
+    """Skip the LLM judge on pairs the rule principles already separate (see plan_judgments)."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         if self.price_in_per_mtok is None and self.price_out_per_mtok is None:
@@ -136,6 +138,8 @@ class JudgeRun:
     on_result: Callable[[RunStats], None] | None = None
     mode: str = "pairwise"
     """How to judge single-response items (score or revise); pair items are always pairwise."""
+    evaluation: bool = False
+    """Judge the round's evaluation pairs instead of its labeling work."""
 
     def __post_init__(self) -> None:
         self.worker = work.worker_id()
@@ -250,7 +254,9 @@ class JudgeRun:
 
     def _claim(self, n: int) -> list[work.WorkItem]:
         with session_scope(self.engine) as session:
-            return work.claim(session, self.round_id, self.judge_id, self.worker, n, self.options.lease_s)
+            return work.claim(
+                session, self.round_id, self.judge_id, self.worker, n, self.options.lease_s, self.evaluation
+            )
 
     def _write(self, results: list[work.JudgmentResult]) -> None:
         if results:

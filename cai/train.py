@@ -161,6 +161,12 @@ def load_snapshot(snapshot_dir: Path, cache_dir: Path | None = None) -> dict[str
     return {split: loaded[split] for split in data_files}
 
 
+def is_main_process() -> bool:
+    """False in the other processes of a multi-process launch (`accelerate launch`, torchrun),
+    which train but leave the database and console output to rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def train_dpo(
     snapshot_dir: Path,
     policy_dir: Path,

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from cai.cli import constitution, db, export, labeling, prompts, rounds, templates, train
+from cai.cli import (
+    constitution,
+    db,
+    evaluate,
+    export,
+    labeling,
+    prompts,
+    rounds,
+    templates,
+    train,
+)
 from cai.cli.app import new_app
 
 app = new_app(
@@ -21,6 +31,7 @@ app.command("generate")(labeling.generate)
 app.add_typer(labeling.judge_app, name="judge")
 app.command("export")(export.export)
 app.command("train")(train.train)
+app.command("eval")(evaluate.evaluate)
 
 
 @app.callback()

@@ -25,8 +25,9 @@ from cai.registry import EMBEDDED_MODEL
 if TYPE_CHECKING:
     from cai.backends.base import ChatBackend
     from cai.calibrate import CalibrationReport
-    from cai.judge_round import JudgeSpec
-    from cai.judging import JudgeRun, RunStats
+    from cai.generate import GenerationStats
+    from cai.judge_round import JudgeSpec, RoundJudgement
+    from cai.judging import JudgeOptions, JudgeRun, RunStats
     from cai.store.work import CalibrationRecord, JudgeSummary
     from cai.templates import TemplateSet
 
@@ -57,6 +58,22 @@ ATTEMPTS_OPTION = typer.Option(
     4, "--max-attempts", min=1, help="Tries per item before it is recorded as failed."
 )
 
+SAMPLER_BACKEND_OPTION = typer.Option(
+    "hf", "--backend", help="Policy sampling: hf (in-process transformers), openai or vllm."
+)
+SAMPLER_URL_OPTION = typer.Option(None, "--base-url", help="Policy server for --backend openai.")
+TEMPERATURE_OPTION = typer.Option(0.8, "--temperature", min=0.0)
+TOP_P_OPTION = typer.Option(0.95, "--top-p", min=0.0, max=1.0)
+MAX_NEW_TOKENS_OPTION = typer.Option(192, "--max-new-tokens", min=1)
+SAMPLER_BATCH_OPTION = typer.Option(16, "--batch-size", min=1, help="Prompts sampled together.")
+MAX_TOKENS_OPTION = typer.Option(384, "--max-tokens", min=16, help="Judge reply length limit.")
+RULES_FIRST_OPTION = typer.Option(
+    False,
+    "--rules-first",
+    help="Do not ask the LLM judge about pairs the constitution's rule principles already separate "
+    "(the rules decide those anyway); saves calls, but their flip rate is then unmeasured.",
+)
+
 judge_app = new_app("Judge a round's pairs against its constitution (both orders), then aggregate labels.")
 
 
@@ -67,18 +84,42 @@ def generate(
         2, "--samples", "-n", min=2, help="Responses per prompt; all distinct pairs are formed."
     ),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first K prompts of the round."),
-    backend: str = typer.Option("hf", "--backend", help="hf (in-process transformers), openai or vllm."),
-    base_url: str = typer.Option(None, "--base-url", help="Server for --backend openai."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
-    max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts sampled together."),
+    backend: str = SAMPLER_BACKEND_OPTION,
+    base_url: str = SAMPLER_URL_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    batch_size: int = SAMPLER_BATCH_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Sample N responses per prompt from the round's policy and form pairs of distinct ones.
     Resumable: a rerun samples only what is missing."""
     from dataclasses import asdict
 
+    sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    stats = run_generate(ctx, round_id, samples, limit, backend, base_url, sampling, batch_size)
+    if as_json:
+        print_json(asdict(stats))
+        return
+    out.print(
+        f"round {round_id}: {stats.prompts} prompts, sampled {stats.sampled} "
+        f"(already stored {stats.already_stored}), new pairs {stats.pairs_added}, "
+        f"identical pairs skipped {stats.identical_skipped}",
+        highlight=False,
+    )
+
+
+def run_generate(
+    ctx: typer.Context,
+    round_id: int,
+    samples: int,
+    limit: int | None,
+    backend: str,
+    base_url: str | None,
+    sampling: dict[str, Any],
+    batch_size: int,
+) -> GenerationStats:
+    """The `cai generate` stage, shared with `cai loop`."""
     from cai.backends import make_sampler
     from cai.backends.base import SamplingParams
     from cai.generate import run_generation
@@ -97,26 +138,18 @@ def generate(
         batch_size=batch_size,
         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
     )
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     with progress_bar() as progress:
         task = progress.add_task(f"round {round_id}: sampling", total=None)
 
         def on_batch(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        stats = run_generation(engine(ctx), round_id, sampler, samples, limit, params, batch_size, on_batch)
-    if as_json:
-        print_json(asdict(stats))
-        return
-    out.print(
-        f"round {round_id}: {stats.prompts} prompts, sampled {stats.sampled} "
-        f"(already stored {stats.already_stored}), new pairs {stats.pairs_added}, "
-        f"identical pairs skipped {stats.identical_skipped}",
-        highlight=False,
-    )
+        return run_generation(
+            engine(ctx), round_id, sampler, samples, limit, SamplingParams(**sampling), batch_size, on_batch
+        )
 
 
-def _judge_setup(
+def judge_setup(
     ctx: typer.Context, base_url: str | None, model: str | None, timeout: float, params: dict[str, Any]
 ) -> tuple[ChatBackend, JudgeSpec, TemplateSet]:
     from cai.backends import make_judge
@@ -156,7 +189,7 @@ def judge(
     concurrency: int = CONCURRENCY_OPTION,
     timeout: float = TIMEOUT_OPTION,
     max_attempts: int = ATTEMPTS_OPTION,
-    max_tokens: int = typer.Option(384, "--max-tokens", min=16, help="Judge reply length limit."),
+    max_tokens: int = MAX_TOKENS_OPTION,
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Also retry items that failed to parse or were refused (4xx)."
     ),
@@ -176,6 +209,7 @@ def judge(
         max=1.0,
         help="Refuse a judge whose calibrated accuracy is below this.",
     ),
+    rules_first: bool = RULES_FIRST_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Judge every pair of the round under a sampled principle, in both orders; rule principles
@@ -193,9 +227,6 @@ def judge(
         from cai.errors import BadInput
 
         raise BadInput("--budget needs prices: --price-in/--price-out (USD per million tokens)")
-    backend, spec, templates = _judge_setup(
-        ctx, base_url, model, timeout, {"max_tokens": max_tokens, "temperature": 0.0}
-    )
     options = JudgeOptions(
         concurrency=concurrency,
         max_attempts=max_attempts,
@@ -204,20 +235,9 @@ def judge(
         price_out_per_mtok=price_out,
         retry_failed=retry_failed,
         max_tokens=max_tokens,
+        rules_first=rules_first,
     )
-    from cai.judge_round import RoundJudgement, judge_round
-
-    store = engine(ctx)
-
-    async def judge_and_close() -> RoundJudgement:
-        try:
-            return await judge_round(
-                store, round_id, spec, backend, templates, options, mode, min_calibration, _run_with_progress
-            )
-        finally:
-            await backend.aclose()
-
-    outcome = asyncio.run(judge_and_close())
+    outcome = run_judge(ctx, round_id, mode, base_url, model, timeout, options, min_calibration)
     if outcome.planned or outcome.retried or outcome.reclaimed:
         err.print(
             f"planned {outcome.planned} judgments, retried {outcome.retried} failed ones, "
@@ -226,7 +246,36 @@ def judge(
     _print_summary(round_id, outcome.summary, outcome.stats, outcome.calibration, as_json)
 
 
-async def _run_with_progress(run: JudgeRun, pending: int, phase: str) -> RunStats:
+def run_judge(
+    ctx: typer.Context,
+    round_id: int,
+    mode: str,
+    base_url: str | None,
+    model: str | None,
+    timeout: float,
+    options: JudgeOptions,
+    min_calibration: float | None = None,
+) -> RoundJudgement:
+    """The `cai judge` stage, shared with `cai loop`."""
+    from cai.judge_round import judge_round
+
+    backend, spec, templates = judge_setup(
+        ctx, base_url, model, timeout, {"max_tokens": options.max_tokens, "temperature": 0.0}
+    )
+    store = engine(ctx)
+
+    async def judge_and_close() -> RoundJudgement:
+        try:
+            return await judge_round(
+                store, round_id, spec, backend, templates, options, mode, min_calibration, run_with_progress
+            )
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(judge_and_close())
+
+
+async def run_with_progress(run: JudgeRun, pending: int, phase: str) -> RunStats:
 
     with progress_bar("{task.fields[failed]} failed") as progress:
         label = {"sample": "judging pairs", "revision": "judging revisions"}.get(phase, phase)
@@ -319,7 +368,7 @@ def calibrate(
         stored = repo.get_constitution(session, *parse_ref(constitution))
     gold_pairs = load_pairs(gold or default_gold(), "better", "worse", stored.constitution)
     canary_pairs = load_pairs(canaries or default_canaries(), "clean", "injected", stored.constitution)
-    backend, spec, templates = _judge_setup(
+    backend, spec, templates = judge_setup(
         ctx, base_url, model, timeout, {"max_tokens": max_tokens, "temperature": 0.0}
     )
     config = spec.config("pairwise", templates)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cai.cli.app import JSON_OPTION, engine, err, out, print_json, progress_bar, settings, transaction
+
+if TYPE_CHECKING:
+    from cai.train import TrainConfig
 
 
 def train(
@@ -47,12 +51,8 @@ def train(
     """Train the round's policy with DPO on its snapshot (reference: the round's starting policy,
     or --reference sft). Per-step metrics go to the database; a killed run resumes from its last
     checkpoint when run again; the result becomes policy p_{r+1} with its lineage."""
-    from cai.backends import policy_location
     from cai.errors import BadInput
-    from cai.export import load_manifest, manifest_sha256
-    from cai.store import repo, training, work
-    from cai.store.db import session_scope
-    from cai.train import load_config, train_dpo
+    from cai.train import load_config
 
     if reference not in ("start", "sft"):
         raise BadInput(f"--reference: {reference!r} is not 'start' or 'sft'")
@@ -69,8 +69,43 @@ def train(
         lora_r=lora_r,
         report_to_tensorboard=tensorboard,
     )
+    summary = run_train(ctx, round_id, config, reference, snapshot, output)
+    if as_json:
+        print_json(summary)
+        return
+    accuracy = summary["last_step"].get("rewards/accuracies")
+    margin = summary["last_step"].get("rewards/margins")
+    out.print(
+        f"round {round_id}: trained {summary['steps']} steps -> policy {summary['policy_id']} "
+        f"at {summary['model_dir']}"
+        + (
+            f"; last reward accuracy {accuracy:.2f}, margin {margin:.3f}"
+            if accuracy is not None and margin is not None
+            else ""
+        ),
+        highlight=False,
+    )
+
+
+def run_train(
+    ctx: typer.Context,
+    round_id: int,
+    config: TrainConfig,
+    reference: str = "start",
+    snapshot: Path | None = None,
+    output: Path | None = None,
+) -> dict[str, Any]:
+    """The `cai train` stage, shared with `cai loop`: a summary of the finished run."""
+    from cai.backends import policy_location
+    from cai.errors import BadInput
+    from cai.export import load_manifest, manifest_sha256
+    from cai.store import repo, training, work
+    from cai.store.db import session_scope
+    from cai.train import is_main_process, train_dpo
+
     cfg = settings(ctx)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    main_process = is_main_process()
     with transaction(ctx) as session:
         round_ = repo.get_round(session, round_id)
         policy = repo.get_policy(session, round_.policy)
@@ -88,6 +123,11 @@ def train(
         reference_id = ref_row.id if ref_row else policy.id
         output_dir = (output or Path("runs") / f"round-{round_id}").resolve()
         settings_json = config.model_dump(mode="json") | {"reference": reference}
+        if not main_process:
+            return _train_on_worker_rank(
+                round_id, config, snapshot_dir, policy_location(policy.name, policy.model_ref, cache_dir),
+                policy_location(ref_row.name, ref_row.model_ref, cache_dir) if ref_row else None, output_dir,
+            )  # fmt: skip
         run_id, resumed = training.start_or_resume_run(
             session, round_id, snapshot_row.id, reference_id, settings_json, str(output_dir)
         )
@@ -144,18 +184,30 @@ def train(
         "resumed": result.resumed,
         "metrics": result.metrics,
         "last_step": last,
+        "config": settings_json,
     }
-    if as_json:
-        print_json(summary | {"config": settings_json})
-        return
-    accuracy = last.get("rewards/accuracies")
-    margin = last.get("rewards/margins")
-    out.print(
-        f"round {round_id}: trained {result.steps} steps -> policy {new_policy} at {result.model_dir}"
-        + (
-            f"; last reward accuracy {accuracy:.2f}, margin {margin:.3f}"
-            if accuracy is not None and margin is not None
-            else ""
-        ),
-        highlight=False,
-    )
+    return summary
+
+
+def _train_on_worker_rank(
+    round_id: int,
+    config: TrainConfig,
+    snapshot_dir: Path,
+    policy_dir: Path | str,
+    reference_dir: Path | str | None,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """Another process of `accelerate launch`: it trains its share and leaves the store (run
+    rows, metrics, the new policy) to rank 0, which records them once."""
+    from cai.train import train_dpo
+
+    with contextlib.redirect_stdout(sys.stderr):
+        result = train_dpo(
+            snapshot_dir,
+            Path(policy_dir),
+            output_dir,
+            config,
+            Path(reference_dir) if reference_dir else None,
+            None,
+        )
+    return {"round": round_id, "worker_rank": True, "steps": result.steps, "model_dir": str(result.model_dir)}

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, aliased
 
 from cai.constitution import Constitution
 from cai.judge import ORDERS, SCORE_SCALE, PairLabel, Parsed, Revision, Verdict, aggregate_pairwise
-from cai.rules import RuleCheck, check_rules, combine
+from cai.rules import RuleCheck, check_rules, combine, rule_winner
 from cai.store.models import (
     CalibrationRow,
     JudgeRow,
@@ -54,23 +54,28 @@ def round_prompts(session: Session, round_id: int, limit: int | None = None) -> 
     return [PromptWork(pid, messages) for pid, messages in session.execute(query)]
 
 
-def stored_samples(session: Session, round_id: int, policy_id: int) -> dict[tuple[int, int], tuple[int, str]]:
+def stored_samples(
+    session: Session, round_id: int, policy_id: int, origin: str = "sample"
+) -> dict[tuple[int, int], tuple[int, str]]:
     """(prompt id, sample index) -> (response id, text) for what is already generated."""
     rows = session.execute(
         select(ResponseRow.prompt_id, ResponseRow.sample_index, ResponseRow.id, ResponseRow.text).where(
             ResponseRow.round_id == round_id,
             ResponseRow.policy_id == policy_id,
-            ResponseRow.origin == "sample",
+            ResponseRow.origin == origin,
         )
     )
     return {(prompt_id, index): (rid, text) for prompt_id, index, rid, text in rows}
 
 
-def add_response(session: Session, **values: Any) -> None:
-    session.add(ResponseRow(origin="sample", **values))
+def add_response(session: Session, origin: str = "sample", **values: Any) -> None:
+    """origin: 'sample' (the round's training samples) or 'eval' (held-out head-to-head)."""
+    session.add(ResponseRow(origin=origin, **values))
 
 
-def add_pairs(session: Session, round_id: int, prompt_id: int, pairs: list[tuple[int, int]]) -> int:
+def add_pairs(
+    session: Session, round_id: int, prompt_id: int, pairs: list[tuple[int, int]], kind: str = "sample"
+) -> int:
     """Insert the pairs not yet stored; returns how many were new."""
     existing = set(
         session.execute(
@@ -81,7 +86,9 @@ def add_pairs(session: Session, round_id: int, prompt_id: int, pairs: list[tuple
     )
     new = [p for p in pairs if p not in existing]
     for a, b in new:
-        session.add(PairRow(round_id=round_id, prompt_id=prompt_id, response_a_id=a, response_b_id=b))
+        session.add(
+            PairRow(round_id=round_id, prompt_id=prompt_id, response_a_id=a, response_b_id=b, kind=kind)
+        )
     return len(new)
 
 
@@ -102,11 +109,25 @@ def lock_round(session: Session, round_id: int) -> None:
         )
 
 
-def in_round(round_id: int) -> Any:
-    """Judgments of a round: about one of its pairs, or about one of its responses."""
+EVAL_KIND = "eval"
+"""Pairs (and responses) of a round's evaluation: p_{r+1} against p_r on held-out prompts. They
+share the round's tables but never its labels, snapshots or labeling queue."""
+
+
+def in_round(round_id: int, evaluation: bool = False) -> Any:
+    """Judgments of a round's labeling work (about one of its pairs or responses), or with
+    `evaluation` of its head-to-head evaluation."""
+    if evaluation:
+        return JudgmentRow.pair_id.in_(
+            select(PairRow.id).where(PairRow.round_id == round_id, PairRow.kind == EVAL_KIND)
+        )
     return or_(
-        JudgmentRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id)),
-        JudgmentRow.response_id.in_(select(ResponseRow.id).where(ResponseRow.round_id == round_id)),
+        JudgmentRow.pair_id.in_(
+            select(PairRow.id).where(PairRow.round_id == round_id, PairRow.kind != EVAL_KIND)
+        ),
+        JudgmentRow.response_id.in_(
+            select(ResponseRow.id).where(ResponseRow.round_id == round_id, ResponseRow.origin != EVAL_KIND)
+        ),
     )
 
 
@@ -177,11 +198,13 @@ def plan_judgments(
     template_sha256: str,
     seed: int,
     kind: str = "sample",
+    rules_first: bool = False,
 ) -> int:
     """Create the pending judgments (both orders) for pairs of `kind` that have none for this
     judge, and record rule checks at once. Sampled pairs get a principle drawn by weight;
-    revision pairs are judged under the principle they were revised for. Idempotent: returns
-    the number of new LLM judgments."""
+    revision pairs are judged under the principle they were revised for. With `rules_first`,
+    pairs the rule principles already separate are not sent to the LLM judge: the rules would
+    overrule its verdict anyway. Idempotent: returns the number of new LLM judgments."""
     principles = principle_ids(session, constitution_id)
     rule_ids = [principles[p.id] for p in constitution.principles if p.kind == "rule"]
     has_llm = len(rule_ids) < len(constitution.principles)
@@ -199,8 +222,9 @@ def plan_judgments(
     ).all()
     created = 0
     for pair_id, text_a, text_b, llm_planned, rules_checked, b_sampling in todo:
-        if rule_ids and not rules_checked:
-            for check in check_rules(constitution, text_a, text_b):
+        checks = check_rules(constitution, text_a, text_b) if rule_ids else []
+        if checks and not rules_checked:
+            for check in checks:
                 session.add(
                     JudgmentRow(
                         pair_id=pair_id,
@@ -217,7 +241,7 @@ def plan_judgments(
                         raw_output=json.dumps({"a_passes": check.a_passes, "b_passes": check.b_passes}),
                     )
                 )
-        if not has_llm or llm_planned:
+        if not has_llm or llm_planned or (rules_first and rule_winner(checks) is not None):
             continue
         if kind == "revision":
             principle = b_sampling["principle_id"]
@@ -381,11 +405,13 @@ def _pair(session: Session, round_id: int, prompt_id: int, a: int, b: int, kind:
     return row.id, a
 
 
-def reset_failures(session: Session, round_id: int, judge_id: int, every_failure: bool) -> int:
+def reset_failures(
+    session: Session, round_id: int, judge_id: int, every_failure: bool, evaluation: bool = False
+) -> int:
     """Put failed items back in the queue: transient ones always, parse/permanent ones on request."""
     kinds = None if every_failure else ["transient"]
     query = update(JudgmentRow).where(
-        JudgmentRow.judge_id == judge_id, JudgmentRow.status == "failed", in_round(round_id)
+        JudgmentRow.judge_id == judge_id, JudgmentRow.status == "failed", in_round(round_id, evaluation)
     )
     if kinds is not None:
         query = query.where(JudgmentRow.error_kind.in_(kinds))
@@ -450,7 +476,13 @@ class WorkItem:
 
 
 def claim(
-    session: Session, round_id: int, judge_id: int, worker: str, n: int, lease_s: float
+    session: Session,
+    round_id: int,
+    judge_id: int,
+    worker: str,
+    n: int,
+    lease_s: float,
+    evaluation: bool = False,
 ) -> list[WorkItem]:
     """Take up to n pending, unclaimed (or lease-expired) items of this round for `worker`."""
     now = utcnow()
@@ -459,7 +491,7 @@ def claim(
         .where(
             JudgmentRow.judge_id == judge_id,
             JudgmentRow.status == "pending",
-            in_round(round_id),
+            in_round(round_id, evaluation),
             or_(JudgmentRow.claimed_until.is_(None), JudgmentRow.claimed_until < now),
         )
         .order_by(JudgmentRow.id)
@@ -594,7 +626,7 @@ def aggregate_labels(
     labelled = select(LabelRow.pair_id).where(LabelRow.judge_id == judge_id)
     pairs = session.execute(
         select(PairRow.id, PairRow.response_a_id, PairRow.response_b_id).where(
-            PairRow.round_id == round_id, PairRow.id.not_in(labelled)
+            PairRow.round_id == round_id, PairRow.kind != EVAL_KIND, PairRow.id.not_in(labelled)
         )
     ).all()
     if not pairs:
@@ -613,10 +645,13 @@ def aggregate_labels(
     for pair_id, response_a, response_b in pairs:
         rows = by_pair.get(pair_id, [])
         llm = {r.order: r for r in rows if r.judge_id == judge_id}
-        if has_llm and (len(llm) < 2 or any(r.status != "ok" for r in llm.values())):
+        checks = [rule_check(r) for r in rows if r.judge_id == rules_judge_id]
+        if has_llm and not llm and rule_winner(checks) is not None:
+            judged = None  # planned rules-first: the judge was never asked
+        elif has_llm and (len(llm) < 2 or any(r.status != "ok" for r in llm.values())):
             continue
-        judged = aggregate_pairwise(*(_verdict(llm[o]) for o in ORDERS)) if has_llm else None
-        checks = [_rule_check(r) for r in rows if r.judge_id == rules_judge_id]
+        else:
+            judged = aggregate_pairwise(*(stored_verdict(llm[o]) for o in ORDERS)) if has_llm else None
         # Without LLM principles the rules alone decide; when they do not separate the pair, a tie.
         label = combine(checks, judged) or PairLabel("tie", None, False)
         session.add(_label_row(pair_id, judge_id, label, response_a, response_b))
@@ -625,11 +660,11 @@ def aggregate_labels(
     return created
 
 
-def _verdict(row: JudgmentRow) -> Verdict:
+def stored_verdict(row: JudgmentRow) -> Verdict:
     return Verdict(row.verdict or "tie", row.rationale or "", row.confidence)
 
 
-def _rule_check(row: JudgmentRow) -> RuleCheck:
+def rule_check(row: JudgmentRow) -> RuleCheck:
     passes = json.loads(row.raw_output or "{}")
     return RuleCheck(str(row.principle_id), bool(passes.get("a_passes")), bool(passes.get("b_passes")))
 
@@ -666,17 +701,20 @@ class JudgeSummary:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+    judge_labeled: int = 0
+    """Labeled pairs the LLM judge was asked about (all of them unless judged rules-first)."""
 
     @property
     def flip_rate(self) -> float:
-        decided = self.labeled
-        return self.inconsistent / decided if decided else 0.0
+        """Order disagreement among the pairs the LLM judge saw."""
+        return self.inconsistent / self.judge_labeled if self.judge_labeled else 0.0
 
 
 def judge_summary(session: Session, round_id: int, judge_id: int) -> JudgeSummary:
-    pair_ids = select(PairRow.id).where(PairRow.round_id == round_id)
+    pair_ids = select(PairRow.id).where(PairRow.round_id == round_id, PairRow.kind != EVAL_KIND)
     labels = select(LabelRow).where(LabelRow.pair_id.in_(pair_ids), LabelRow.judge_id == judge_id).subquery()
     judgments = and_(in_round(round_id), JudgmentRow.judge_id == judge_id)
+    asked_pairs = select(JudgmentRow.pair_id).where(JudgmentRow.judge_id == judge_id)
 
     def scalar(query: Any) -> Any:
         return session.scalar(query) or 0
@@ -691,16 +729,19 @@ def judge_summary(session: Session, round_id: int, judge_id: int) -> JudgeSummar
         prompt_tokens=scalar(select(func.sum(JudgmentRow.prompt_tokens)).where(judgments)),
         completion_tokens=scalar(select(func.sum(JudgmentRow.completion_tokens)).where(judgments)),
         cost_usd=float(scalar(select(func.sum(JudgmentRow.cost_usd)).where(judgments))),
+        judge_labeled=scalar(
+            select(func.count()).select_from(labels).where(labels.c.pair_id.in_(asked_pairs))
+        ),
     )
 
 
-def pending_count(session: Session, round_id: int, judge_id: int) -> int:
+def pending_count(session: Session, round_id: int, judge_id: int, evaluation: bool = False) -> int:
     return (
         session.scalar(
             select(func.count()).where(
                 JudgmentRow.judge_id == judge_id,
                 JudgmentRow.status == "pending",
-                in_round(round_id),
+                in_round(round_id, evaluation),
             )
         )
         or 0
