@@ -11,6 +11,7 @@ from cai.cli import (
     export,
     labeling,
     prompts,
+    report,
     rounds,
     templates,
     train,
@@ -32,6 +33,7 @@ app.add_typer(labeling.judge_app, name="judge")
 app.command("export")(export.export)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
+app.command("report")(report.report)
 
 
 @app.callback()
