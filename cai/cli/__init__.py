@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cai.cli import (
+    audit,
     constitution,
     db,
     evaluate,
@@ -33,6 +34,7 @@ app.add_typer(labeling.judge_app, name="judge")
 app.command("export")(export.export)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
+app.add_typer(audit.app, name="audit")
 app.command("report")(report.report)
 
 

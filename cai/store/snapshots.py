@@ -22,6 +22,7 @@ from cai.store.models import (
     RoundRow,
     SnapshotRow,
 )
+from cai.store.work import EVAL_KIND
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
         .join(PromptRow, PromptRow.id == PairRow.prompt_id)
         .join(a, a.id == PairRow.response_a_id)
         .join(b, b.id == PairRow.response_b_id)
-        .where(PairRow.round_id == round_id)
+        .where(PairRow.round_id == round_id, PairRow.kind != EVAL_KIND)  # eval pairs never train
         .order_by(PairRow.id)
     ).all()
     pair_ids = [row[0] for row in rows]

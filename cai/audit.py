@@ -1,0 +1,193 @@
+"""Auditing the judge: judge-human agreement, Cohen's kappa, per-principle summaries and the
+stratified review queue. Pure functions over plain values; cai.store.audit feeds them."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+VERDICTS = ("A", "B", "tie")
+ALL = "(all)"
+"""The name of the summary row that covers every pair once."""
+
+
+class AuditedPair(Protocol):
+    """What the summaries and the review queue need to know about one pair."""
+
+    @property
+    def pair_id(self) -> int: ...
+    @property
+    def principles(self) -> list[str]: ...
+    @property
+    def judge_verdict(self) -> str | None: ...
+    @property
+    def human_verdict(self) -> str | None:
+        """The human's verdict: an override's, or the judge's when a reviewer agreed with it."""
+        ...
+
+    @property
+    def confidence(self) -> float | None: ...
+    @property
+    def inconsistent(self) -> bool: ...
+    @property
+    def failed(self) -> int: ...
+
+
+# --- agreement ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    pairs: int
+    agreed: int
+    rate: float | None
+    kappa: float | None
+
+
+def cohen_kappa(ratings: Sequence[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of two raters over the categories A, B and tie. None when it is undefined:
+    no ratings, or chance agreement is certain (both raters only ever used one and the same
+    category), where (p_o - p_e) / (1 - p_e) divides by zero."""
+    _check(ratings)
+    n = len(ratings)
+    if n == 0:
+        return None
+    first = Counter(a for a, _ in ratings)
+    second = Counter(b for _, b in ratings)
+    # Kept in integers (counts x n) so the degenerate case is detected exactly, not to a tolerance.
+    chance = sum(first[c] * second[c] for c in VERDICTS)
+    if chance == n * n:
+        return None
+    observed = sum(a == b for a, b in ratings)
+    return (observed * n - chance) / (n * n - chance)
+
+
+def agreement(ratings: Sequence[tuple[str, str]]) -> Agreement:
+    """Raw agreement and kappa for (judge verdict, human verdict) pairs."""
+    _check(ratings)
+    agreed = sum(a == b for a, b in ratings)
+    rate = agreed / len(ratings) if ratings else None
+    return Agreement(len(ratings), agreed, rate, cohen_kappa(ratings))
+
+
+def _check(ratings: Iterable[tuple[str, str]]) -> None:
+    for pair in ratings:
+        for verdict in pair:
+            if verdict not in VERDICTS:
+                raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+
+
+# --- per-principle summaries -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrincipleStats:
+    principle: str
+    pairs: int
+    labeled: int
+    ties: int
+    inconsistent: int
+    flip_rate: float | None
+    """Inconsistent labels (the two orders disagreed) over labeled pairs."""
+    failed: int
+    """Failed judgments (not pairs)."""
+    mean_confidence: float | None
+    human_checked: int
+    """Labeled pairs a human overrode or reviewed: what agreement and kappa are computed over."""
+    agreement: float | None
+    kappa: float | None
+
+
+def summarize(principle: str, pairs: Sequence[AuditedPair]) -> PrincipleStats:
+    labeled = [p for p in pairs if p.judge_verdict is not None]
+    confidences = [p.confidence for p in labeled if p.confidence is not None]
+    inconsistent = sum(p.inconsistent for p in labeled)
+    ratings = [(p.judge_verdict, p.human_verdict) for p in labeled]
+    checked = agreement([(judge, human) for judge, human in ratings if judge and human])
+    return PrincipleStats(
+        principle=principle,
+        pairs=len(pairs),
+        labeled=len(labeled),
+        ties=sum(p.judge_verdict == "tie" for p in labeled),
+        inconsistent=inconsistent,
+        flip_rate=inconsistent / len(labeled) if labeled else None,
+        failed=sum(p.failed for p in pairs),
+        mean_confidence=sum(confidences) / len(confidences) if confidences else None,
+        human_checked=checked.pairs,
+        agreement=checked.rate,
+        kappa=checked.kappa,
+    )
+
+
+def principle_stats(pairs: Sequence[AuditedPair]) -> list[PrincipleStats]:
+    """One row per principle (a pair judged under several counts in each), then the overall row,
+    which counts every pair once."""
+    by_principle: dict[str, list[AuditedPair]] = {}
+    for pair in pairs:
+        for key in pair.principles or ["(none)"]:
+            by_principle.setdefault(key, []).append(pair)
+    rows = [summarize(key, members) for key, members in sorted(by_principle.items())]
+    return [*rows, summarize(ALL, pairs)]
+
+
+# --- review queue ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pick:
+    pair_id: int
+    reason: str
+    """'inconsistent', 'low-confidence' or 'principle'."""
+    principle: str | None
+
+
+def review_queue(pairs: Sequence[AuditedPair], n: int, seed: int = 0) -> list[Pick]:
+    """Up to n distinct pairs for a human to check, the same for the same inputs and seed:
+    first inconsistent pairs (up to a third of n, drawn by seed), then the least confident ones
+    (up to a third; a confidence of 1.0 is not low), then the rest of the budget round-robin over
+    principles (drawn by seed), so every principle gets looked at. Callers pass only pairs that
+    have a judge label and no human check yet."""
+    if n < 0:
+        raise ValueError("n must not be negative")
+    pool = sorted(
+        {p.pair_id: p for p in pairs}.values(), key=lambda p: p.pair_id
+    )  # input order is irrelevant
+    share = -(-n // 3)
+    picks: dict[int, Pick] = {}
+
+    def take(candidates: Iterable[AuditedPair], reason: str, limit: int) -> None:
+        for pair in candidates:
+            if len(picks) >= limit:
+                return
+            if pair.pair_id not in picks:
+                picks[pair.pair_id] = Pick(pair.pair_id, reason, _principle(pair))
+
+    take(_shuffled([p for p in pool if p.inconsistent], seed, "inconsistent"), "inconsistent", min(share, n))
+    unsure = [p for p in pool if p.confidence is not None and p.confidence < 1.0 and p.pair_id not in picks]
+    unsure.sort(key=lambda p: (p.confidence, p.pair_id))
+    take(unsure, "low-confidence", min(len(picks) + share, n))
+    by_principle: dict[str, list[AuditedPair]] = {}
+    for pair in pool:
+        if pair.pair_id not in picks:
+            by_principle.setdefault(_principle(pair) or "", []).append(pair)
+    queues = [_shuffled(members, seed, f"principle:{key}") for key, members in sorted(by_principle.items())]
+    while len(picks) < n and any(queues):
+        for queue in queues:
+            if queue and len(picks) < n:
+                take([queue.pop(0)], "principle", n)
+    return list(picks.values())
+
+
+def _principle(pair: AuditedPair) -> str | None:
+    return pair.principles[0] if pair.principles else None
+
+
+def _shuffled(pairs: list[AuditedPair], seed: int, stratum: str) -> list[AuditedPair]:
+    # A string seed hashes the same in every process (unlike hash()), so queues are reproducible.
+    rng = random.Random(f"{seed}:{stratum}")
+    shuffled = list(pairs)
+    rng.shuffle(shuffled)
+    return shuffled
