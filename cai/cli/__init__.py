@@ -11,6 +11,7 @@ from cai.cli import (
     evaluate,
     export,
     labeling,
+    loop,
     prompts,
     report,
     rounds,
@@ -34,6 +35,7 @@ app.add_typer(labeling.judge_app, name="judge")
 app.command("export")(export.export)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
+app.command("loop")(loop.loop)
 app.add_typer(audit.app, name="audit")
 app.command("report")(report.report)
 

@@ -1,0 +1,139 @@
+"""Queries for `cai loop`: the chain of rounds (each trained from the previous round's policy) and
+the one-line-per-round summary of what each round produced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from cai.store import repo
+from cai.store.evaluation import contest, latest_evaluation
+from cai.store.models import (
+    JudgmentRow,
+    LabelRow,
+    PairRow,
+    RoundRow,
+    SnapshotRow,
+    TrainingRunRow,
+    TrainingStepRow,
+)
+from cai.store.work import EVAL_KIND, RULES_JUDGE
+
+
+def latest_first_round(session: Session) -> int | None:
+    """The newest round that does not continue another one: where a chain starts."""
+    return session.scalar(
+        select(RoundRow.id).where(RoundRow.parent_round_id.is_(None)).order_by(RoundRow.id.desc()).limit(1)
+    )
+
+
+def next_round(session: Session, round_id: int) -> int | None:
+    """The round that continues `round_id` (started from its trained policy), if any."""
+    return session.scalar(
+        select(RoundRow.id).where(RoundRow.parent_round_id == round_id).order_by(RoundRow.id).limit(1)
+    )
+
+
+def start_next_round(session: Session, round_id: int) -> int:
+    """Start the round after `round_id`: same constitution and prompts, its trained policy, the
+    next seed (fresh samples)."""
+    current = repo.get_round(session, round_id)
+    trained = contest(session, round_id).candidate
+    name, version = current.constitution.split("@")
+    constitution = repo.get_constitution(session, name, int(version)).record
+    policy = repo.get_policy(session, trained.name)
+    config = current.config | {"seed": int(current.config.get("seed", 0)) + 1}
+    return repo.create_round(session, constitution, policy, config, parent_round_id=round_id).id
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round_id: int
+    status: str
+    policy: str
+    pairs: int
+    labels: int
+    ties: int
+    judge_asked: int
+    """Labeled pairs the LLM judge saw (rules-first leaves out those the rules decided)."""
+    inconsistent: int
+    label_sources: dict[str, int] = field(default_factory=dict)
+    """Of the exported pairs: how many labels came from rules, the judge, humans."""
+    train_reward_accuracy: float | None = None
+    train_reward_margin: float | None = None
+    win_rate: float | None = None
+    wins_ties_losses: tuple[int, int, int] | None = None
+    mean_words: tuple[float | None, float | None] | None = None
+    """(baseline, candidate) on the eval prompts."""
+    all_rules_pass: tuple[float | None, float | None] | None = None
+
+    @property
+    def flip_rate(self) -> float | None:
+        return self.inconsistent / self.judge_asked if self.judge_asked else None
+
+
+def round_summary(session: Session, round_id: int) -> RoundSummary:
+    round_ = repo.get_round(session, round_id)
+    pair_ids = select(PairRow.id).where(PairRow.round_id == round_id, PairRow.kind != EVAL_KIND)
+    labels = select(LabelRow).where(LabelRow.pair_id.in_(pair_ids), LabelRow.source == "judge").subquery()
+    asked = select(JudgmentRow.pair_id).where(
+        JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.template_sha256 != RULES_JUDGE.template_sha256
+    )
+
+    def count(query: Select[Any]) -> int:
+        return session.scalar(query) or 0
+
+    snapshot_counts = session.scalar(
+        select(SnapshotRow.counts)
+        .where(SnapshotRow.round_id == round_id)
+        .order_by(SnapshotRow.id.desc())
+        .limit(1)
+    )
+    last_step = _last_training_step(session, round_id)
+    evaluation = latest_evaluation(session, round_id)
+    baseline = evaluation.metrics["baseline"] if evaluation else {}
+    candidate = evaluation.metrics["candidate"] if evaluation else {}
+    return RoundSummary(
+        round_id=round_id,
+        status=round_.status,
+        policy=round_.policy,
+        pairs=count(select(func.count()).select_from(pair_ids.subquery())),
+        labels=count(select(func.count()).select_from(labels)),
+        ties=count(select(func.count()).select_from(labels).where(labels.c.verdict == "tie")),
+        judge_asked=count(select(func.count()).select_from(labels).where(labels.c.pair_id.in_(asked))),
+        inconsistent=count(select(func.count()).select_from(labels).where(labels.c.inconsistent.is_(True))),
+        label_sources=dict((snapshot_counts or {}).get("by_source", {})),
+        train_reward_accuracy=last_step.get("rewards/accuracies"),
+        train_reward_margin=last_step.get("rewards/margins"),
+        win_rate=evaluation.win_rate if evaluation else None,
+        wins_ties_losses=(evaluation.wins, evaluation.ties, evaluation.losses) if evaluation else None,
+        mean_words=(baseline.get("mean_words"), candidate.get("mean_words")) if evaluation else None,
+        all_rules_pass=(
+            (baseline.get("all_rules_pass_rate"), candidate.get("all_rules_pass_rate"))
+            if evaluation
+            else None
+        ),
+    )
+
+
+def _last_training_step(session: Session, round_id: int) -> dict[str, float]:
+    """The last logged training metrics (not the final eval) of the round's finished run."""
+    run_id = session.scalar(
+        select(TrainingRunRow.id)
+        .where(TrainingRunRow.round_id == round_id, TrainingRunRow.status == "done")
+        .order_by(TrainingRunRow.id.desc())
+        .limit(1)
+    )
+    if run_id is None:
+        return {}
+    for (metrics,) in session.execute(
+        select(TrainingStepRow.metrics)
+        .where(TrainingStepRow.training_run_id == run_id)
+        .order_by(TrainingStepRow.step.desc())
+    ):
+        if "rewards/accuracies" in metrics:
+            return metrics
+    return {}
