@@ -17,6 +17,7 @@ from cai.cli import (
     rounds,
     templates,
     train,
+    web,
 )
 from cai.cli.app import new_app
 
@@ -38,6 +39,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("loop")(loop.loop)
 app.add_typer(audit.app, name="audit")
 app.command("report")(report.report)
+app.command("web")(web.web)
 
 
 @app.callback()

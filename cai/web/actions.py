@@ -1,0 +1,147 @@
+"""Logging in and out, and the only writes the UI makes: a human override of a pair's label and
+a review that agrees with the judge (the same store functions as `cai audit override|review`).
+
+Every POST checks, in order: the server has a write token (else 403, read-only), the form's
+CSRF token matches this browser's session (else 403), the browser is logged in (else 403), and
+only then the fields (400, shown beside the form; nothing is written)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException
+
+from cai.errors import BadInput, NotFound
+from cai.web.common import logged_in, render, set_session, transaction, web
+from cai.web.security import SESSION_COOKIE, new_session_id, safe_next
+
+router = APIRouter()
+
+READ_ONLY = (
+    "This server is read-only: it was started without CAI_WEB_TOKEN, so overrides and reviews "
+    "cannot be recorded here. Use `cai audit override` or restart `cai web` with the variable set."
+)
+STALE_FORM = (
+    "The form's security token is missing or does not match this browser's session "
+    "(an old tab, or cookies blocked). Reload the page and submit again."
+)
+NOT_LOGGED_IN = "Log in with the write token before recording overrides or reviews."
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/") -> Response:
+    return render(request, "login.html", section="login", next=safe_next(next), problems=[])
+
+
+@router.post("/login")
+def login(request: Request, token: str = Form(""), csrf: str = Form(""), next: str = Form("/")) -> Response:
+    guard = web(request).guard
+    if not guard.writable:
+        raise HTTPException(403, READ_ONLY)
+    _check_csrf(request, csrf)
+    if not guard.token_matches(token):
+        problems = ["That is not the write token this server was started with."]
+        return render(request, "login.html", 403, section="login", next=safe_next(next), problems=problems)
+    # A fresh session id on login: a session id known before logging in is worth nothing after.
+    sid = new_session_id()
+    response = RedirectResponse(safe_next(next), status_code=303)
+    set_session(request, response, sid, guard.auth_value(sid))
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: str = Form("")) -> Response:
+    _check_csrf(request, csrf)
+    response = RedirectResponse("/", status_code=303)
+    set_session(request, response, new_session_id(), auth=None)
+    return response
+
+
+@router.post("/pairs/{pair_id}/override", response_class=HTMLResponse)
+def override(
+    request: Request,
+    pair_id: int,
+    prefer: str = Form(""),
+    note: str = Form(""),
+    author: str = Form(""),
+    csrf: str = Form(""),
+) -> Response:
+    from cai.store.audit import add_override
+
+    _require_writer(request, csrf)
+    verdict = {"a": "A", "b": "B", "tie": "tie"}.get(prefer.strip().lower())
+    problems = [] if verdict else [f"prefer: choose A, B or tie (got {prefer!r})"]
+    if not note.strip():
+        problems.append("note: must not be empty; say why you disagree with the judge")
+    problems += _author_problems(author)
+    if not problems and verdict is not None:
+        try:
+            with transaction(request) as session:
+                add_override(session, pair_id, verdict, author.strip(), note.strip())
+        except NotFound:
+            raise
+        except BadInput as exc:  # e.g. no judge label yet; the transaction was rolled back
+            problems = exc.problems
+        else:
+            return RedirectResponse(f"/pairs/{pair_id}?done=override#audits", status_code=303)
+    form = {"action": "override", "prefer": prefer, "note": note, "author": author}
+    return _pair_with_problems(request, pair_id, form, problems)
+
+
+@router.post("/pairs/{pair_id}/review", response_class=HTMLResponse)
+def review(
+    request: Request, pair_id: int, note: str = Form(""), author: str = Form(""), csrf: str = Form("")
+) -> Response:
+    from cai.store.audit import add_review
+
+    _require_writer(request, csrf)
+    problems = _author_problems(author)
+    if not problems:
+        try:
+            with transaction(request) as session:
+                add_review(session, pair_id, author.strip(), note.strip())
+        except NotFound:
+            raise
+        except BadInput as exc:
+            problems = exc.problems
+        else:
+            return RedirectResponse(f"/pairs/{pair_id}?done=review#audits", status_code=303)
+    form = {"action": "review", "note": note, "author": author}
+    return _pair_with_problems(request, pair_id, form, problems)
+
+
+def _require_writer(request: Request, csrf: str) -> None:
+    if not web(request).guard.writable:
+        raise HTTPException(403, READ_ONLY)
+    _check_csrf(request, csrf)
+    if not logged_in(request):
+        raise HTTPException(403, NOT_LOGGED_IN)
+
+
+def _check_csrf(request: Request, csrf: str) -> None:
+    # Compared against the cookie the browser sent, not a session id issued with this response.
+    if not web(request).guard.csrf_ok(request.cookies.get(SESSION_COOKIE), csrf):
+        raise HTTPException(403, STALE_FORM)
+
+
+def _author_problems(author: str) -> list[str]:
+    from cai.store.models import AuditRow
+
+    limit = getattr(AuditRow.__table__.c.author.type, "length", None) or 200
+    if not author.strip():
+        return ["author: must not be empty; say who is deciding"]
+    if len(author.strip()) > limit:
+        return [f"author: at most {limit} characters"]
+    return []
+
+
+def _pair_with_problems(
+    request: Request, pair_id: int, form: dict[str, str], problems: list[str]
+) -> Response:
+    from cai.store.audit import pair_detail
+
+    with transaction(request) as session:
+        detail = pair_detail(session, pair_id)  # an unknown pair is a 404 whatever the fields said
+    return render(
+        request, "pair.html", 400, section="pairs", d=detail, done=None, form=form, problems=problems
+    )

@@ -1,0 +1,130 @@
+"""What every route shares: the app's state (engine, guard, templates, plot cache), one
+transaction per request, and rendering a page with the login and CSRF state filled in."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from cai.web.security import AUTH_COOKIE, SESSION_COOKIE, Guard
+
+if TYPE_CHECKING:
+    from cai.store.reporting import ReportData
+
+HERE = Path(__file__).resolve().parent
+PLOT_CACHE_SIZE = 8
+
+
+def template_env() -> Environment:
+    # Autoescape is on for every template, whatever its name: responses, rationales, notes and
+    # principle names are all user-controlled text, and none of it is ever marked safe.
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["pct"] = lambda v: "—" if v is None else f"{v:.0%}"
+    env.filters["num"] = lambda v, digits=2: "—" if v is None else f"{v:.{digits}f}"
+    env.filters["when"] = lambda v: "—" if v is None else f"{v:%Y-%m-%d %H:%M}"
+    return env
+
+
+@dataclass
+class Web:
+    engine: Engine
+    guard: Guard
+    env: Environment = field(default_factory=template_env)
+    _plots: OrderedDict[str, dict[str, bytes]] = field(default_factory=OrderedDict)
+    _plots_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def plots(self, data: ReportData) -> dict[str, bytes]:
+        """The report's PNG plots for `data`. The dashboard and its <img> requests ask for the
+        same data within moments, so drawing once per distinct data saves a matplotlib render
+        per image."""
+        from cai.report import render_plots
+
+        key = hashlib.sha256(repr(data).encode()).hexdigest()
+        with self._plots_lock:
+            if key in self._plots:
+                self._plots.move_to_end(key)
+                return self._plots[key]
+        drawn = render_plots(data)
+        with self._plots_lock:
+            self._plots[key] = drawn
+            while len(self._plots) > PLOT_CACHE_SIZE:
+                self._plots.popitem(last=False)
+        return drawn
+
+
+def web(request: Request) -> Web:
+    state: Web = request.app.state.web
+    return state
+
+
+@contextmanager
+def transaction(request: Request) -> Iterator[Session]:
+    """One transaction per request: an error anywhere rolls back every write."""
+    from cai.store.db import session_scope
+
+    with session_scope(web(request).engine) as session:
+        yield session
+
+
+def session_id(request: Request) -> str:
+    """The browser's session id (the middleware issues one to a browser that has none)."""
+    sid: str = request.state.session_id
+    return sid
+
+
+def logged_in(request: Request) -> bool:
+    return web(request).guard.logged_in(request.cookies.get(SESSION_COOKIE), request.cookies.get(AUTH_COOKIE))
+
+
+def render(
+    request: Request, template: str, status: int = 200, section: str = "", **context: Any
+) -> HTMLResponse:
+    guard = web(request).guard
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET":
+        # Where "log in" should come back to: the page a form was posted from, never the
+        # POST-only action itself (/pairs/7/override -> /pairs/7, /login -> /).
+        here = request.url.path.rsplit("/", 1)[0] or "/"
+    page = (
+        web(request)
+        .env.get_template(template)
+        .render(
+            section=section,
+            here=here,
+            writable=guard.writable,
+            logged_in=logged_in(request),
+            csrf=guard.csrf_token(session_id(request)),
+            **context,
+        )
+    )
+    return HTMLResponse(page, status_code=status)
+
+
+def set_session(request: Request, response: Response, sid: str, auth: str | None) -> None:
+    """Replace the session cookie (and set or clear the login cookie) on `response`."""
+    secure = request.url.scheme == "https"
+    request.state.session_id = sid
+    request.state.session_set = True  # the middleware must not overwrite it
+    response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", secure=secure, path="/")
+    if auth is None:
+        response.delete_cookie(AUTH_COOKIE, httponly=True, samesite="strict", secure=secure, path="/")
+    else:
+        response.set_cookie(AUTH_COOKIE, auth, httponly=True, samesite="strict", secure=secure, path="/")
