@@ -15,7 +15,7 @@ import torch
 from cai.backends import convert
 from cai.backends.base import ChatRequest, PermanentError, SampleRequest, SamplingParams
 from cai.backends.convert import build_atomically, ensure_local_model
-from cai.backends.hf import HFChat, HFSampler, choose, decode, nucleus_floor
+from cai.backends.hf import HFChat, HFSampler, answer_with_choice, decode, nucleus_floor
 from cai.registry import ModelRef
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
@@ -153,32 +153,31 @@ def test_chat_reports_choice_probabilities_and_valid_json(chat: HFChat) -> None:
     assert chat.model == "tiny"
     assert result.choice_probs is not None and set(result.choice_probs) == {"A", "B", "tie"}
     assert sum(result.choice_probs.values()) == pytest.approx(1.0, abs=1e-6)
-    # The random model writes no JSON, so the text is built from the most probable choice.
+    # The reply is steered into the JSON shape, and its verdict is the most probable choice.
     verdict = json.loads(result.text)
+    assert set(verdict) == {"rationale", "preferred"}
     assert verdict["preferred"] == max(result.choice_probs, key=result.choice_probs.__getitem__)
-    assert result.prompt_tokens and result.completion_tokens == 6
+    assert result.prompt_tokens and 1 <= (result.completion_tokens or 0) <= PAIRWISE.max_tokens + 1
 
 
-def test_choice_probabilities_are_read_right_after_the_models_own_prefix(chat: HFChat) -> None:
+def test_choice_probabilities_come_after_the_models_own_rationale(chat: HFChat) -> None:
     loaded = chat._loaded
     assert loaded is not None
     prompt = loaded.encode_chat(PAIRWISE.messages)
-    own = '{"rationale": "A is right", "preferred": "B"}'
-    text, probs = choose(loaded, prompt, own, "preferred", PAIRWISE.choices)
-    assert text == own  # parseable, so the model's own text is kept
-    prefix = loaded.tokenizer(
-        '{"rationale": "A is right", "preferred": "', add_special_tokens=False
-    ).input_ids
+    answer = answer_with_choice(loaded, prompt, "preferred", PAIRWISE.choices, max_tokens=12)
+    assert len(answer.rationale_ids) <= 12 and not set(answer.rationale_ids) & loaded.quote_ids
+    assert json.loads(answer.text)["rationale"] == loaded.text(answer.rationale_ids)
+    # Reading through the decode's cache gives what one uncached pass over the whole reply gives.
+    whole = prompt + answer.head_ids + answer.rationale_ids + answer.tail_ids
     with torch.inference_mode():
-        logits = loaded.lm(input_ids=torch.tensor([prompt + prefix])).logits[0, -1]
+        logits = loaded.lm(input_ids=torch.tensor([whole])).logits[0, -1]
     firsts = [loaded.tokenizer(c, add_special_tokens=False).input_ids[0] for c in PAIRWISE.choices]
     expected = torch.softmax(logits, -1)[firsts]
-    assert list(probs.values()) == pytest.approx((expected / expected.sum()).tolist(), rel=1e-4)
-    # Garbled output: the rationale is salvaged and a JSON verdict is built around it.
-    text, _ = choose(loaded, prompt, 'Sure! {"rationale": "B \\"wins\\"", "prefer', "preferred", ("A", "B"))
-    assert json.loads(text)["rationale"] == 'B "wins"'
+    assert list(answer.probs.values()) == pytest.approx((expected / expected.sum()).tolist(), rel=1e-3)
+    assert loaded.text(answer.head_ids) == '{"rationale": "'
+    assert loaded.text(answer.tail_ids, strip=False) == '", "preferred": "'
     with pytest.raises(PermanentError, match="distinct"):
-        choose(loaded, prompt, "", "preferred", ("1", "10"))
+        answer_with_choice(loaded, prompt, "preferred", ("1", "10"), max_tokens=4)
 
 
 def test_chat_serialises_concurrent_requests_and_refuses_after_close(tiny_model_dir: Path) -> None:
