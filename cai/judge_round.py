@@ -134,6 +134,7 @@ async def _phase(
                 *common,
                 kind=phase,
                 rules_first=options.rules_first,
+                max_judge_pairs=options.max_judge_pairs,
             )
         else:
             planned = work.plan_single(

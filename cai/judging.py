@@ -47,6 +47,8 @@ class JudgeOptions:
     max_tokens: int = 384
     rules_first: bool = False
     """Skip the LLM judge on pairs the rule principles already separate (see plan_judgments)."""
+    max_judge_pairs: int | None = None
+    """Ask the LLM judge about at most this many pairs per round and pair kind."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         if self.price_in_per_mtok is None and self.price_out_per_mtok is None:

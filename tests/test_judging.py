@@ -533,3 +533,21 @@ def test_revise_mode_keeps_revisions_both_orders_prefer(cli: Cli, engine: Engine
         assert pair.response_a_id in originals and labels[pair.id].verdict == "B"
         assert labels[pair.id].chosen_response_id == pair.response_b_id
     assert summary["pending"] == summary["failed"] == 0
+
+
+def test_max_judge_pairs_caps_the_llm_judge_and_a_larger_cap_extends_it(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    round_id = start_round(cli, server, limit=8)
+    with session_scope(engine) as session:
+        pairs = session.scalar(select(func.count()).select_from(PairRow)) or 0
+    assert pairs >= 5
+    server.reset_stats()
+    first = json.loads(cli(*judge_args(server, round_id, "--max-judge-pairs", 3, "--json")).stdout)
+    assert server.count == 6 and judgment_counts(engine) == {"ok": 6}
+    # The constitution has no rule principles, so only the judged pairs get labels.
+    assert first["labeled"] == 3 and first["pending"] == 0
+    cli(*judge_args(server, round_id, "--max-judge-pairs", 3))
+    assert server.count == 6  # the cap counts what was already asked
+    wider = json.loads(cli(*judge_args(server, round_id, "--max-judge-pairs", 5, "--json")).stdout)
+    assert server.count == 10 and wider["labeled"] == 5

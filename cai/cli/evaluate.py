@@ -12,6 +12,7 @@ from cai.cli.labeling import (
     ATTEMPTS_OPTION,
     BASE_URL_OPTION,
     CONCURRENCY_OPTION,
+    MAX_JUDGE_PAIRS_OPTION,
     MAX_NEW_TOKENS_OPTION,
     MAX_TOKENS_OPTION,
     MODEL_OPTION,
@@ -49,6 +50,7 @@ def evaluate(
     max_attempts: int = ATTEMPTS_OPTION,
     max_tokens: int = MAX_TOKENS_OPTION,
     rules_first: bool = RULES_FIRST_OPTION,
+    max_judge_pairs: int = MAX_JUDGE_PAIRS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Sample the trained policy p_{r+1} and the round's policy p_r on the eval prompts (same
@@ -69,7 +71,11 @@ def evaluate(
         judge_model=judge_model,
         timeout=timeout,
         options=JudgeOptions(
-            concurrency=concurrency, max_attempts=max_attempts, max_tokens=max_tokens, rules_first=rules_first
+            concurrency=concurrency,
+            max_attempts=max_attempts,
+            max_tokens=max_tokens,
+            rules_first=rules_first,
+            max_judge_pairs=max_judge_pairs,
         ),
     )
     print_evaluation(result, as_json)

@@ -67,6 +67,14 @@ TOP_P_OPTION = typer.Option(0.95, "--top-p", min=0.0, max=1.0)
 MAX_NEW_TOKENS_OPTION = typer.Option(192, "--max-new-tokens", min=1)
 SAMPLER_BATCH_OPTION = typer.Option(16, "--batch-size", min=1, help="Prompts sampled together.")
 MAX_TOKENS_OPTION = typer.Option(384, "--max-tokens", min=16, help="Judge reply length limit.")
+MAX_JUDGE_PAIRS_OPTION = typer.Option(
+    None,
+    "--max-judge-pairs",
+    min=0,
+    metavar="N",
+    help="Ask the LLM judge about at most N pairs (a seeded sample); the others get a label only "
+    "where the rule principles decide. For slow judges (the in-process one on a CPU).",
+)
 RULES_FIRST_OPTION = typer.Option(
     False,
     "--rules-first",
@@ -210,6 +218,7 @@ def judge(
         help="Refuse a judge whose calibrated accuracy is below this.",
     ),
     rules_first: bool = RULES_FIRST_OPTION,
+    max_judge_pairs: int = MAX_JUDGE_PAIRS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Judge every pair of the round under a sampled principle, in both orders; rule principles
@@ -236,6 +245,7 @@ def judge(
         retry_failed=retry_failed,
         max_tokens=max_tokens,
         rules_first=rules_first,
+        max_judge_pairs=max_judge_pairs,
     )
     outcome = run_judge(ctx, round_id, mode, base_url, model, timeout, options, min_calibration)
     if outcome.planned or outcome.retried or outcome.reclaimed:

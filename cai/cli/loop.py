@@ -14,6 +14,7 @@ from cai.cli.labeling import (
     ATTEMPTS_OPTION,
     BASE_URL_OPTION,
     CONCURRENCY_OPTION,
+    MAX_JUDGE_PAIRS_OPTION,
     MAX_NEW_TOKENS_OPTION,
     MAX_TOKENS_OPTION,
     MODEL_OPTION,
@@ -88,6 +89,7 @@ def loop(
     max_attempts: int = ATTEMPTS_OPTION,
     max_tokens: int = MAX_TOKENS_OPTION,
     rules_first: bool = RULES_FIRST_OPTION,
+    max_judge_pairs: int = MAX_JUDGE_PAIRS_OPTION,
     min_confidence: float = typer.Option(
         None, "--min-confidence", min=0.0, max=1.0, help="Export: drop judge labels less sure than this."
     ),
@@ -128,7 +130,11 @@ def loop(
         judge_model=judge_model,
         timeout=timeout,
         judge_options=JudgeOptions(
-            concurrency=concurrency, max_attempts=max_attempts, max_tokens=max_tokens, rules_first=rules_first
+            concurrency=concurrency,
+            max_attempts=max_attempts,
+            max_tokens=max_tokens,
+            rules_first=rules_first,
+            max_judge_pairs=max_judge_pairs,
         ),
         min_confidence=min_confidence,
         train_config=load_config(

@@ -199,12 +199,15 @@ def plan_judgments(
     seed: int,
     kind: str = "sample",
     rules_first: bool = False,
+    max_judge_pairs: int | None = None,
 ) -> int:
     """Create the pending judgments (both orders) for pairs of `kind` that have none for this
     judge, and record rule checks at once. Sampled pairs get a principle drawn by weight;
     revision pairs are judged under the principle they were revised for. With `rules_first`,
     pairs the rule principles already separate are not sent to the LLM judge: the rules would
-    overrule its verdict anyway. Idempotent: returns the number of new LLM judgments."""
+    overrule its verdict anyway. `max_judge_pairs` caps the pairs of this kind the LLM judge is
+    asked about (a seeded draw, so the sample spreads over prompts); pairs left out get a label
+    only where the rules decide. Idempotent: returns the number of new LLM judgments."""
     principles = principle_ids(session, constitution_id)
     rule_ids = [principles[p.id] for p in constitution.principles if p.kind == "rule"]
     has_llm = len(rule_ids) < len(constitution.principles)
@@ -220,7 +223,7 @@ def plan_judgments(
         .where(PairRow.round_id == round_id, PairRow.kind == kind)
         .order_by(PairRow.id)
     ).all()
-    created = 0
+    candidates: list[tuple[int, Any]] = []
     for pair_id, text_a, text_b, llm_planned, rules_checked, b_sampling in todo:
         checks = check_rules(constitution, text_a, text_b) if rule_ids else []
         if checks and not rules_checked:
@@ -243,6 +246,13 @@ def plan_judgments(
                 )
         if not has_llm or llm_planned or (rules_first and rule_winner(checks) is not None):
             continue
+        candidates.append((pair_id, b_sampling))
+    if max_judge_pairs is not None:
+        asked = sum(1 for row in todo if row[3])
+        candidates.sort(key=lambda c: hashlib.sha256(f"{seed}:judge-pair:{c[0]}".encode()).digest())
+        candidates = candidates[: max(0, max_judge_pairs - asked)]
+    created = 0
+    for pair_id, b_sampling in sorted(candidates, key=lambda c: c[0]):
         if kind == "revision":
             principle = b_sampling["principle_id"]
         else:
