@@ -192,6 +192,10 @@ def train_dpo(
 
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu else torch.float32
+    # Built before any model is loaded: under `accelerate launch` with DeepSpeed ZeRO-3 the config
+    # registers itself with transformers, and from_pretrained then loads the weights already
+    # partitioned across the processes instead of a full copy on each.
+    args = dpo_args(config, output_dir, gpu=gpu)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     if not tokenizer.chat_template:
         raise BadInput(f"{policy_dir}: the tokenizer has no chat template; DPO on chat data needs one")
@@ -210,23 +214,26 @@ def train_dpo(
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=dpo_args(config, output_dir, gpu=gpu),
+        args=args,
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
         callbacks=[_log_forwarder(on_log)] if on_log else None,
         peft_config=_lora_config(config),
     )
+    if config.lora_r is not None and _parameters_sharded(trainer):
+        # The merge below runs on one process over its own copy of the weights; with ZeRO-3 or
+        # FSDP that copy is a shard, and the merged model would be silently incomplete.
+        raise BadInput(
+            "lora_r: LoRA runs are merged on one process, which needs every process to hold the whole "
+            "model; use DDP or DeepSpeed ZeRO-2, or train without LoRA under ZeRO-3/FSDP"
+        )
     summary = trainer.train(resume_from_checkpoint=last)
     metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
     if "eval" in splits:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
 
-    final = output_dir / "final"
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    if config.lora_r is not None:
-        trained = trained.merge_and_unload()  # a plain model dir: every backend loads it as is
-    _save_atomically(final, lambda tmp: (trained.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    final = _save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
     return TrainResult(
         metrics=metrics,
         steps=trainer.state.global_step,
@@ -307,15 +314,59 @@ def _log_forwarder(on_log: OnLog) -> Any:
     return LogForwarder()
 
 
-def _save_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write into a temp dir beside `target`, then swap it in: `target` is only ever complete."""
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _parameters_sharded(trainer: Any) -> bool:
+    """True when no single process holds the whole model: DeepSpeed ZeRO-3 or FSDP."""
+    state = trainer.accelerator.state
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    return getattr(state, "fsdp_plugin", None) is not None or (
+        deepspeed is not None and deepspeed.zero_stage == 3
+    )
+
+
+def _save_final(trainer: Any, tokenizer: Any, output_dir: Path, *, merge_lora: bool) -> Path:
+    """Write the trained model and tokenizer to `output_dir/final` from any number of processes.
+    Every process must call this: under ZeRO-3 or FSDP the weights are gathered collectively, so
+    each one joins `save_model`. Only the main process writes, into a staging dir whose path all
+    processes agree on, and then swaps it in: `final` is only ever complete. No process returns
+    before `final` exists."""
+    accelerator = trainer.accelerator
+    main = accelerator.is_main_process
+    final = output_dir / "final"
+    staging = output_dir / ".final.staging"  # a fixed name: every process must pass the same path
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    try:
+        if merge_lora:
+            # A plain model dir (adapters merged into the base) that every backend loads as is.
+            # LoRA is refused under sharded training, so the main process holds every weight.
+            if main:
+                merged = accelerator.unwrap_model(trainer.model).merge_and_unload()
+                merged.save_pretrained(staging)
+        else:
+            trainer.save_model(str(staging))  # collective; writes on the main process only
+        if main:
+            tokenizer.save_pretrained(staging)  # the tokenizer the policy came with, chat template included
+            if not any(staging.glob("model*.safetensors")):
+                # ZeRO-3 without 16-bit gathering leaves only sharded DeepSpeed checkpoint files.
+                raise BadInput(
+                    f"{staging}: no model weights were written; with DeepSpeed ZeRO-3 set "
+                    "zero3_save_16bit_model: true in the accelerate config"
+                )
+            _swap_in(staging, final)
+    finally:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _swap_in(source: Path, target: Path) -> None:
+    """Replace `target` with the complete directory `source` by renames, so `target` is never partial."""
     old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
         if target.exists():
             os.rename(target, old)
-        os.rename(tmp, target)
+        os.rename(source, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

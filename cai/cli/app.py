@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
@@ -39,14 +40,20 @@ class CaiGroup(TyperGroup):
             return super().invoke(ctx)
         except BadInput as exc:
             for line in exc.problems:
-                err.print(f"[red]error:[/red] {line}", highlight=False, markup=True, soft_wrap=True)
+                err.print(f"[red]error:[/red] {escape(line)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:
             if type(exc).__module__.split(".")[0] in ("typer", "click"):
                 raise  # usage errors, --help, explicit exits: typer already knows what to do
             if os.environ.get("CAI_DEBUG"):
                 raise
-            err.print(f"[red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            # escape: messages quote paths and log prefixes like "[/path/pair.cc:553]" that rich
+            # would otherwise read as markup and fail on.
+            err.print(
+                f"[red]failed:[/red] {type(exc).__name__}: {escape(str(exc))}",
+                highlight=False,
+                soft_wrap=True,
+            )
             err.print("(set CAI_DEBUG=1 for the traceback)", style="dim")
             raise typer.Exit(EXIT_FAILURE) from None
 

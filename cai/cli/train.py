@@ -70,6 +70,8 @@ def train(
         report_to_tensorboard=tensorboard,
     )
     summary = run_train(ctx, round_id, config, reference, snapshot, output)
+    if summary.get("worker_rank"):
+        return  # another process of a multi-process launch: rank 0 reports the run
     if as_json:
         print_json(summary)
         return
@@ -123,17 +125,17 @@ def run_train(
         reference_id = ref_row.id if ref_row else policy.id
         output_dir = (output or Path("runs") / f"round-{round_id}").resolve()
         settings_json = config.model_dump(mode="json") | {"reference": reference}
-        if not main_process:
-            return _train_on_worker_rank(
-                round_id, config, snapshot_dir, policy_location(policy.name, policy.model_ref, cache_dir),
-                policy_location(ref_row.name, ref_row.model_ref, cache_dir) if ref_row else None, output_dir,
-            )  # fmt: skip
-        run_id, resumed = training.start_or_resume_run(
-            session, round_id, snapshot_row.id, reference_id, settings_json, str(output_dir)
-        )
-        work.set_round_status(session, round_id, "training")
+        if main_process:
+            run_id, resumed = training.start_or_resume_run(
+                session, round_id, snapshot_row.id, reference_id, settings_json, str(output_dir)
+            )
+            work.set_round_status(session, round_id, "training")
     policy_dir = policy_location(policy.name, policy.model_ref, cache_dir)
     reference_dir = policy_location(ref_row.name, ref_row.model_ref, cache_dir) if ref_row else None
+    if not main_process:
+        # Only after the transaction: on SQLite it holds the write lock (BEGIN IMMEDIATE), which
+        # rank 0 needs to record the run while this process waits for rank 0 inside training.
+        return _train_on_worker_rank(round_id, config, snapshot_dir, policy_dir, reference_dir, output_dir)
     err.print(f"training run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
 
     store = engine(ctx)
