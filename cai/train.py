@@ -228,6 +228,12 @@ def train_dpo(
             "lora_r: LoRA runs are merged on one process, which needs every process to hold the whole "
             "model; use DDP or DeepSpeed ZeRO-2, or train without LoRA under ZeRO-3/FSDP"
         )
+    if on_log is not None:
+        # The caller shows its own progress; transformers' bar and log printing would repeat it.
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
     summary = trainer.train(resume_from_checkpoint=last)
     metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
     if "eval" in splits:
@@ -246,6 +252,10 @@ def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
     """The DPOConfig for `config`: bf16 on a GPU, float32 on CPU (TRL defaults to bf16 everywhere)."""
     from trl import DPOConfig
 
+    fields = DPOConfig.__dataclass_fields__
+    # transformers 5 renamed the option; the old name still works but warns on every run.
+    renamed = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    checkpointing: dict[str, Any] = {renamed: config.gradient_checkpointing}
     return DPOConfig(
         output_dir=str(output_dir),
         beta=config.beta,
@@ -259,7 +269,7 @@ def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
-        gradient_checkpointing=config.gradient_checkpointing,
+        **checkpointing,
         seed=config.seed,
         logging_steps=config.logging_steps,
         # Checkpoints (model, optimizer, scheduler, RNG) are what a killed run resumes from; one is enough.

@@ -8,6 +8,7 @@ from cai.cli import (
     audit,
     constitution,
     db,
+    demo,
     evaluate,
     export,
     labeling,
@@ -37,6 +38,7 @@ app.command("export")(export.export)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command("loop")(loop.loop)
+app.command("demo")(demo.demo)
 app.add_typer(audit.app, name="audit")
 app.command("report")(report.report)
 app.command("web")(web.web)

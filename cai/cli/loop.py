@@ -3,6 +3,7 @@ policy the previous one trained. The round's stored status decides where a rerun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -279,36 +280,32 @@ def print_summaries(summaries: list[RoundSummary], as_json: bool) -> None:
         return "-" if value is None else f"{value:.0%}"
 
     def pair(values: tuple[float | None, float | None] | None, fmt: str) -> str:
+        """parent -> trained"""
         if values is None or None in values:
             return "-"
         return f"{values[0]:{fmt}} -> {values[1]:{fmt}}"
 
-    table = Table(
-        "round",
-        "status",
-        "pairs",
-        "labels (ties)",
-        "label sources",
-        "flip rate",
-        "train reward acc.",
-        "eval win/tie/loss",
-        "win rate",
-        "eval words",
-        "all rules pass",
-        title="cai loop",
-    )
-    for s in summaries:
-        table.add_row(
-            str(s.round_id),
-            s.status,
-            str(s.pairs),
-            f"{s.labels} ({s.ties})",
-            ", ".join(f"{k} {v}" for k, v in sorted(s.label_sources.items())) or "-",
-            f"{pct(s.flip_rate)} of {s.judge_asked}",
-            pct(s.train_reward_accuracy),
-            "/".join(map(str, s.wins_ties_losses)) if s.wins_ties_losses else "-",
-            pct(s.win_rate),
-            pair(s.mean_words, ".1f"),
-            pair(s.all_rules_pass, ".0%"),
-        )
+    # One column per round, one row per figure: stays readable in an 80-column terminal.
+    table = Table("", *(f"round {s.round_id}" for s in summaries), title="cai loop: per round")
+    rows: list[tuple[str, Callable[[RoundSummary], str]]] = [
+        ("status", lambda s: s.status),
+        ("policy", lambda s: s.policy),
+        ("pairs", lambda s: str(s.pairs)),
+        ("labels (ties)", lambda s: f"{s.labels} ({s.ties})"),
+        (
+            "exported, by source",
+            lambda s: ", ".join(f"{k} {v}" for k, v in sorted(s.label_sources.items())) or "-",
+        ),
+        ("judge flip rate", lambda s: f"{pct(s.flip_rate)} of {s.judge_asked} pairs"),
+        ("train reward accuracy", lambda s: pct(s.train_reward_accuracy)),
+        (
+            "eval win / tie / loss",
+            lambda s: " / ".join(map(str, s.wins_ties_losses)) if s.wins_ties_losses else "-",
+        ),
+        ("eval win rate", lambda s: pct(s.win_rate)),
+        ("eval mean words", lambda s: pair(s.mean_words, ".1f")),
+        ("eval all rules pass", lambda s: pair(s.all_rules_pass, ".0%")),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *(cell(s) for s in summaries))
     out.print(table)
