@@ -1,8 +1,10 @@
 """Training throughput: `train_dpo` with cai's CPU settings against TRL's DPOConfig defaults (made
 runnable on CPU by the minimum: float32 instead of bf16, the reference passed explicitly), on the
-same synthetic snapshot and a random Llama over the SmolLM2 vocabulary, in one process.
+same synthetic snapshot, in one process. The model is a random Llama over the SmolLM2 vocabulary,
+or with --embedded the real SmolLM2-135M-Instruct (cai's default policy: 30 layers, where the
+transformer body, not the 49k-word output head, dominates a step, as in real use).
 
-    python bench/train.py [--pairs 64] [--hidden 256] [--layers 4]
+    python bench/train.py [--pairs 64] [--hidden 256] [--layers 4] [--embedded]
 
 Rates count the prompt+completion tokens of every chosen and rejected sequence trained on, over the
 whole `train_dpo` call (loading, reference log-probs, steps, saving). Both runs do one epoch. The
@@ -71,15 +73,24 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--embedded", action="store_true", help="Train the real embedded model.")
     args = parser.parse_args()
 
     # Kept between runs: reading the tokenizer from the GGUF takes ~10 s.
     tokenizer_dir = cached_smollm2_tokenizer(Path(tempfile.gettempdir()) / "cai-bench")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = build_tiny_model(
-            tmp / "model", tokenizer_dir, hidden=args.hidden, layers=args.layers, heads=args.hidden // 32
-        )
+        if args.embedded:
+            from cai.backends import policy_location
+            from cai.registry import EMBEDDED_MODEL
+
+            model_dir = Path(policy_location(EMBEDDED_MODEL, EMBEDDED_MODEL))
+            described = "SmolLM2-135M-Instruct (embedded)"
+        else:
+            model_dir = build_tiny_model(
+                tmp / "model", tokenizer_dir, hidden=args.hidden, layers=args.layers, heads=args.hidden // 32
+            )
+            described = f"random Llama, hidden {args.hidden}, {args.layers} layers"
         rows = synthetic_pairs(args.pairs)
         snapshot = write_snapshot(tmp / "snapshot", rows, [])
         cai, trl = TrainConfig(), trl_defaults(tmp / "trl-args")
@@ -91,7 +102,7 @@ def main() -> None:
         cai_s, cai_steps = timed(snapshot, model_dir, tmp / "cai", cai)
 
     print(
-        f"model: random Llama, hidden {args.hidden}, {args.layers} layers; {args.pairs} pairs, "
+        f"model: {described}; {args.pairs} pairs, "
         f"{tokens} tokens per epoch; torch threads {torch.get_num_threads()}"
     )
     print(

@@ -229,3 +229,21 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(
     assert not torch.equal(
         before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
     )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_tensorboard_logging_writes_the_dpo_metrics(
+    tiny_model_dir: Path, snapshot: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(max_steps=2, report_to_tensorboard=True, **FAST)
+    train_dpo(snapshot, tiny_model_dir, tmp_path / "out", config)
+    scalars: dict[str, list[int]] = {}
+    for events in (tmp_path / "out").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.step for e in accumulator.Scalars(tag))
+    assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins"} <= set(scalars)
+    assert sorted(scalars["train/loss"]) == [1, 2]
