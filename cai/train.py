@@ -67,6 +67,10 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=50, ge=1)  # a checkpoint to resume from; only the latest is kept
     report_to_tensorboard: bool = False
+    # None: bf16 on a GPU, and on a CPU with native bf16 (AVX512-BF16 or AMX), where autocast over
+    # the float32 weights made a SmolLM2-135M step 1.7x faster (5.0 s -> 2.95 s, fwd+bwd); float32
+    # on other CPUs, where bf16 is emulated and slow. True/False force it.
+    bf16: bool | None = None
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -248,8 +252,16 @@ def train_dpo(
     )
 
 
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
-    """The DPOConfig for `config`: bf16 on a GPU, float32 on CPU (TRL defaults to bf16 everywhere)."""
+    """The DPOConfig for `config`. Weights stay float32 on a CPU; with bf16 the matmuls run in
+    bf16 under autocast (mixed precision), which is what `bf16=True` means with `use_cpu`."""
     from trl import DPOConfig
 
     fields = DPOConfig.__dataclass_fields__
@@ -280,7 +292,7 @@ def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
         dataloader_num_workers=0,  # worker processes only add fork and pickling cost on 2 cores
         report_to=["tensorboard"] if config.report_to_tensorboard else "none",
         use_cpu=not gpu,
-        bf16=gpu,
+        bf16=config.bf16 if config.bf16 is not None else gpu or cpu_has_native_bf16(),
     )
 
 
