@@ -115,3 +115,17 @@ def print_json(value: Any) -> None:
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def quiet_libraries() -> None:
+    """cai shows one progress bar per stage; the libraries' own bars (tokenizing, loading and
+    writing weights) and a deprecation warning transformers raises from its own code would
+    bury it."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

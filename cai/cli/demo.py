@@ -120,6 +120,7 @@ def _explain(summaries: list[RoundSummary], directory: Path, database: Path, emb
         + ("n/a" if last.flip_rate is None else f"{last.flip_rate:.0%}")
         + ".",
         highlight=False,
+        soft_wrap=True,
     )
     if embedded_judge:
         out.print(
@@ -127,13 +128,19 @@ def _explain(summaries: list[RoundSummary], directory: Path, database: Path, emb
             "from the rules. A capable judge is one flag away: --judge-base-url URL --judge-model NAME "
             "(vLLM, llama.cpp, Ollama or OpenAI).",
             highlight=False,
+            soft_wrap=True,
         )
-    db = f"sqlite:///{database}"
+    commands = [
+        (f"cai audit list --round {last.round_id}", "the judge's verdicts and rationales"),
+        ("cai audit stats", "flip rate and agreement per principle"),
+        (f"cai report --out {directory / 'report'}", "plots of the rounds as HTML"),
+        ("cai web", "browse pairs and override labels in a browser"),
+    ]
+    width = max(len(command) for command, _ in commands) + 2
     out.print(
-        "\nWhere to look next:\n"
-        f"  cai --db {db} audit list --round {last.round_id}      the judge's verdicts and rationales\n"
-        f"  cai --db {db} audit stats                 flip rate, agreement per principle\n"
-        f"  cai --db {db} report --out {directory / 'report'}   plots as HTML\n"
-        f"  cai --db {db} web                         browse and override in a browser",
+        "\nWhere to look next (cai is in .venv/bin):\n"
+        f"  export CAI_DATABASE_URL=sqlite:///{database}\n"
+        + "\n".join(f"  {command:<{width}}{what}" for command, what in commands),
         highlight=False,
+        soft_wrap=True,
     )

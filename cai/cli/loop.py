@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cai.cli.app import JSON_OPTION, err, out, print_json, transaction
+from cai.cli.app import JSON_OPTION, err, out, print_json, quiet_libraries, transaction
 from cai.cli.labeling import (
     ATTEMPTS_OPTION,
     BASE_URL_OPTION,
@@ -160,6 +160,7 @@ def run_loop(
     from cai.errors import BadInput
     from cai.store import progress, repo
 
+    quiet_libraries()
     with transaction(ctx) as session:
         first = from_round if from_round is not None else progress.latest_first_round(session)
         if first is None:

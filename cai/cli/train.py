@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cai.cli.app import JSON_OPTION, engine, err, out, print_json, progress_bar, settings, transaction
+from cai.cli.app import (
+    JSON_OPTION,
+    engine,
+    err,
+    out,
+    print_json,
+    progress_bar,
+    quiet_libraries,
+    settings,
+    transaction,
+)
 
 if TYPE_CHECKING:
     from cai.train import TrainConfig
@@ -148,6 +158,7 @@ def run_train(
             loss = metrics.get("loss")
             progress.update(task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-")
 
+        quiet_libraries()
         try:
             # transformers' progress callback prints logs to stdout; keep stdout for --json.
             with contextlib.redirect_stdout(sys.stderr):
