@@ -141,13 +141,28 @@ def test_loop_resumes_after_a_kill_at_each_step(
 
     with fake.FakeOpenAI(slow_enough) as server:
         args = [*loop_args(server, tmp_path, rounds=1), "--concurrency", 2, "--batch-size", 2]
-        process = _cai(db_url, *args)
-        deadline = time.monotonic() + 120
-        while _status(engine, round_id) != kill_at and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert process.poll() is None, f"the loop ended before reaching {kill_at}: {process.communicate()}"
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        if kill_at == "exported":
+            # 'exported' lasts milliseconds (train marks the round 'training' before loading
+            # anything), too short to catch by polling: stop right after export by running the
+            # steps up to it one by one, as a crash between export and train would leave them.
+            backend = ["--backend", "openai", "--base-url", server.base_url]
+            cli("generate", "-r", round_id, "--limit", PROMPTS, *backend)
+            cli("judge", "-r", round_id, "--judge-base-url", server.base_url, "--judge-model", "fake-judge")
+            cli("export", "-r", round_id, "--out", tmp_path / "snapshots" / f"round-{round_id}")
+        else:
+            process = _cai(db_url, *args)
+            deadline = time.monotonic() + 120
+            while (
+                _status(engine, round_id) != kill_at
+                and process.poll() is None
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.02)
+            assert process.poll() is None, (
+                f"the loop ended before reaching {kill_at}: {process.communicate()}"
+            )
+            process.send_signal(signal.SIGKILL)
+            process.wait()
         assert _status(engine, round_id) == kill_at
         finished = _cai(db_url, *args, "--json")
         stdout, stderr = finished.communicate(timeout=300)
