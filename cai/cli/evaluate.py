@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cai.cli.app import JSON_OPTION, engine, out, print_json, progress_bar, settings, transaction
+from cai.cli.app import JSON_OPTION, engine, out, print_json, progress_bar, transaction
 from cai.cli.labeling import (
     ATTEMPTS_OPTION,
     BASE_URL_OPTION,
@@ -24,6 +23,7 @@ from cai.cli.labeling import (
     TIMEOUT_OPTION,
     TOP_P_OPTION,
     judge_setup,
+    policy_sampler,
     run_with_progress,
 )
 
@@ -97,7 +97,6 @@ def run_eval(
     options: JudgeOptions,
 ) -> EvaluationResult:
     """The `cai eval` stage, shared with `cai loop`."""
-    from cai.backends import make_sampler
     from cai.backends.base import Sampler, SamplingParams
     from cai.evaluate import run_evaluation
     from cai.store import evaluation
@@ -106,21 +105,12 @@ def run_eval(
     with transaction(ctx) as session:  # refuse bad input before any model loads
         evaluation.contest(session, round_id)
         evaluation.eval_prompts(session, round_id, limit)
-    cfg = settings(ctx)
     judge_backend, spec, templates = judge_setup(
         ctx, judge_base_url, judge_model, timeout, {"max_tokens": options.max_tokens, "temperature": 0.0}
     )
 
     def sampler_for(policy: Contestant) -> Sampler:
-        return make_sampler(
-            backend,
-            policy.name,
-            policy.model_ref,
-            base_url=base_url,
-            api_key=cfg.resolved_judge_api_key(),
-            batch_size=batch_size,
-            cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-        )
+        return policy_sampler(ctx, backend, policy.name, policy.model_ref, base_url, batch_size)
 
     with progress_bar() as progress:
         tasks: dict[str, Any] = {}

@@ -23,7 +23,7 @@ from cai.cli.app import (
 from cai.registry import EMBEDDED_MODEL
 
 if TYPE_CHECKING:
-    from cai.backends.base import ChatBackend
+    from cai.backends.base import ChatBackend, Sampler
     from cai.calibrate import CalibrationReport
     from cai.generate import GenerationStats
     from cai.judge_round import JudgeSpec, RoundJudgement
@@ -128,7 +128,6 @@ def run_generate(
     batch_size: int,
 ) -> GenerationStats:
     """The `cai generate` stage, shared with `cai loop`."""
-    from cai.backends import make_sampler
     from cai.backends.base import SamplingParams
     from cai.generate import run_generation
     from cai.store import repo
@@ -136,16 +135,7 @@ def run_generate(
     with transaction(ctx) as session:
         round_ = repo.get_round(session, round_id)
         policy = repo.get_policy(session, round_.policy)
-    cfg = settings(ctx)
-    sampler = make_sampler(
-        backend,
-        policy.name,
-        policy.model_ref,
-        base_url=base_url,
-        api_key=cfg.resolved_judge_api_key(),
-        batch_size=batch_size,
-        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-    )
+    sampler = policy_sampler(ctx, backend, policy.name, policy.model_ref, base_url, batch_size)
     with progress_bar() as progress:
         task = progress.add_task(f"round {round_id}: sampling", total=None)
 
@@ -155,6 +145,24 @@ def run_generate(
         return run_generation(
             engine(ctx), round_id, sampler, samples, limit, SamplingParams(**sampling), batch_size, on_batch
         )
+
+
+def policy_sampler(
+    ctx: typer.Context, backend: str, name: str, model_ref: str, base_url: str | None, batch_size: int
+) -> Sampler:
+    """A sampler for one stored policy, with the settings' API key and model cache."""
+    from cai.backends import make_sampler
+
+    cfg = settings(ctx)
+    return make_sampler(
+        backend,
+        name,
+        model_ref,
+        base_url=base_url,
+        api_key=cfg.resolved_judge_api_key(),
+        batch_size=batch_size,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+    )
 
 
 def judge_setup(
