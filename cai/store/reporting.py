@@ -12,12 +12,11 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from cai.store import repo
+from cai.store.evaluation import latest_evaluation
 from cai.store.models import (
-    EvaluationRow,
     JudgmentRow,
     LabelRow,
     PairRow,
-    PolicyRow,
     PrincipleRow,
     ResponseRow,
     RoundRow,
@@ -282,32 +281,20 @@ def _training(session: Session, round_id: int) -> TrainingCurve | None:
 
 
 def _evaluation(session: Session, round_id: int) -> EvaluationSummary | None:
-    row = session.scalar(
-        select(EvaluationRow)
-        .where(EvaluationRow.round_id == round_id)
-        .order_by(EvaluationRow.id.desc())
-        .limit(1)
-    )
-    if row is None:
+    record = latest_evaluation(session, round_id)
+    if record is None:
         return None
-    names = dict(
-        session.execute(
-            select(PolicyRow.id, PolicyRow.name).where(
-                PolicyRow.id.in_([row.candidate_policy_id, row.baseline_policy_id])
-            )
-        ).all()
-    )
     # The metrics JSON is written by the evaluation stage: tolerate any key being absent.
-    metrics = row.metrics if isinstance(row.metrics, dict) else {}
+    metrics = record.metrics if isinstance(record.metrics, dict) else {}
     judge_only = metrics.get("judge_only")
     return EvaluationSummary(
-        id=row.id,
-        prompts=row.prompts,
-        wins=row.wins,
-        ties=row.ties,
-        losses=row.losses,
-        candidate=_policy_eval(metrics.get("candidate"), names.get(row.candidate_policy_id, "?")),
-        baseline=_policy_eval(metrics.get("baseline"), names.get(row.baseline_policy_id, "?")),
+        id=record.id,
+        prompts=record.prompts,
+        wins=record.wins,
+        ties=record.ties,
+        losses=record.losses,
+        candidate=_policy_eval(metrics.get("candidate"), record.candidate),
+        baseline=_policy_eval(metrics.get("baseline"), record.baseline),
         samples_per_prompt=int(spp)
         if (spp := _float(metrics.get("samples_per_prompt"))) is not None
         else None,
