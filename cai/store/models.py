@@ -45,6 +45,8 @@ ROUND_STATUSES = (
     "done",
     "failed",
 )
+JOB_KINDS = ("generate", "judge", "export", "train", "eval", "calibrate", "loop")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def utcnow() -> datetime:
@@ -145,6 +147,10 @@ class RoundRow(Created, Base):
     status: Mapped[str] = mapped_column(String(16), default="created")
     config: Mapped[dict[str, Any]]
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    error: Mapped[str | None] = mapped_column(Text)
+    """Why the round failed; cleared when a stage starts again."""
+    failed_step: Mapped[str | None] = mapped_column(String(16))
+    """The stage that failed: a rerun resumes there."""
 
 
 class ResponseRow(Created, Base):
@@ -349,3 +355,64 @@ class CalibrationRow(Created, Base):
     """Share of gold pairs where the two orders gave the same verdict."""
     injection_follow_rate: Mapped[float | None] = mapped_column(Float)
     details: Mapped[dict[str, Any]]
+
+
+class JobRow(Created, Base):
+    """One stage (or a whole loop) to run, queued for whichever worker takes it. The owner keeps
+    heartbeat_at fresh; a job whose heartbeat goes stale is taken over by another worker."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("kind IN (" + ", ".join(f"'{k}'" for k in JOB_KINDS) + ")", name="kind"),
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"),
+        Index("ix_jobs_status_kind", "status", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    settings: Mapped[dict[str, Any]]
+    """The stage's validated settings."""
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    """The worker holding the job ('host:pid:nonce'); kept after it finishes, for the record."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """e.g. {"stage": "judge", "phase": "judging pairs", "done": 3, "total": 10}."""
+    log: Mapped[str] = mapped_column(Text, default="")
+    """The last lines the job wrote (a bounded tail)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None]
+    requested_by: Mapped[str | None] = mapped_column(String(128))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    """Set on a running job; its worker stops at the next batch boundary."""
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class GenerationItemRow(Base):
+    """One response to sample, claimable by concurrent workers (a lease, like judgments')."""
+
+    __tablename__ = "generation_items"
+    __table_args__ = (
+        # Named by hand: the conventional name would pass PostgreSQL's 63-character limit.
+        UniqueConstraint(
+            "round_id", "policy_id", "prompt_id", "sample_index", "origin", name="uq_generation_items_item"
+        ),
+        CheckConstraint("status IN ('pending', 'done')", name="status"),
+        Index("ix_generation_items_round_status", "round_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    sample_index: Mapped[int]
+    origin: Mapped[str] = mapped_column(String(16))
+    """'sample' (the round's training samples) or 'eval' (held-out head-to-head)."""
+    seed: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
