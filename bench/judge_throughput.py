@@ -29,7 +29,8 @@ from cai.constitution import load_constitution  # noqa: E402
 from cai.judge import pairwise_request  # noqa: E402
 from cai.judging import JudgeOptions, JudgeRun  # noqa: E402
 from cai.promptsets import PromptInput  # noqa: E402
-from cai.store import repo, work  # noqa: E402
+from cai.store import judges, queue, repo  # noqa: E402
+from cai.store import samples as stored_samples  # noqa: E402
 from cai.store.db import ensure_schema, make_engine, session_scope  # noqa: E402
 from cai.templates import TemplateSet  # noqa: E402
 from tests.fake_openai import FakeOpenAI, prefer_marker  # noqa: E402
@@ -48,10 +49,10 @@ def build_round(db_url: str, pairs: int) -> tuple[object, int, int, object]:
         repo.import_prompts(session, prompts, "bench")
         policy = repo.ensure_policy(session, "bench-policy", "bench")
         round_id = repo.create_round(session, record, policy, {"split": "train", "seed": 0}).id
-        stored = {p.id: p for p in work.round_prompts(session, round_id)}
+        stored = {p.id: p for p in stored_samples.round_prompts(session, round_id)}
         for prompt_id in stored:
             for index, text in enumerate(("GOOD answer.", "Another answer.")):
-                work.add_response(
+                stored_samples.add_response(
                     session,
                     round_id=round_id,
                     prompt_id=prompt_id,
@@ -61,15 +62,17 @@ def build_round(db_url: str, pairs: int) -> tuple[object, int, int, object]:
                     sampling={},
                 )
         session.flush()
-        samples = work.stored_samples(session, round_id, policy.id)
+        samples = stored_samples.stored_samples(session, round_id, policy.id)
         for prompt_id in stored:
-            work.add_pairs(
+            stored_samples.add_pairs(
                 session, round_id, prompt_id, [(samples[(prompt_id, 0)][0], samples[(prompt_id, 1)][0])]
             )
-        config = work.JudgeConfig("openai", "fake-judge", "pairwise", templates.sha256["judge_pairwise"], {})
-        judge_id = work.ensure_judge(session, config)
-        rules_id = work.ensure_judge(session, work.RULES_JUDGE)
-        work.plan_judgments(
+        config = judges.JudgeConfig(
+            "openai", "fake-judge", "pairwise", templates.sha256["judge_pairwise"], {}
+        )
+        judge_id = judges.ensure_judge(session, config)
+        rules_id = judges.ensure_judge(session, judges.RULES_JUDGE)
+        queue.plan_judgments(
             session,
             round_id,
             judge_id,

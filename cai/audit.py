@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from cai.labelling import flip_rate
+
 VERDICTS = ("A", "B", "tie")
 ALL = "(all)"
 """The name of the summary row that covers every pair once."""
@@ -32,6 +34,11 @@ class AuditedPair(Protocol):
     def confidence(self) -> float | None: ...
     @property
     def inconsistent(self) -> bool: ...
+    @property
+    def judge_asked(self) -> bool:
+        """The LLM judge was asked about the pair (it was not decided by rules alone)."""
+        ...
+
     @property
     def failed(self) -> int: ...
 
@@ -91,7 +98,8 @@ class PrincipleStats:
     ties: int
     inconsistent: int
     flip_rate: float | None
-    """Inconsistent labels (the two orders disagreed) over labeled pairs."""
+    """Inconsistent labels (the two orders disagreed) over the labeled pairs the LLM judge was
+    asked about (cai.labelling.flip_rate)."""
     failed: int
     """Failed judgments (not pairs)."""
     mean_confidence: float | None
@@ -113,7 +121,7 @@ def summarize(principle: str, pairs: Sequence[AuditedPair]) -> PrincipleStats:
         labeled=len(labeled),
         ties=sum(p.judge_verdict == "tie" for p in labeled),
         inconsistent=inconsistent,
-        flip_rate=inconsistent / len(labeled) if labeled else None,
+        flip_rate=flip_rate(inconsistent, sum(p.judge_asked for p in labeled)),
         failed=sum(p.failed for p in pairs),
         mean_confidence=sum(confidences) / len(confidences) if confidences else None,
         human_checked=checked.pairs,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from cai.audit import Pick, agreement, cohen_kappa, principle_stats, review_queue
 from cai.judge import Verdict, aggregate_pairwise
-from cai.store import work
+from cai.store import judges, queue
 from cai.store.db import session_scope
 from cai.store.models import (
     AuditRow,
@@ -79,6 +79,7 @@ class P:
     confidence: float | None = 1.0
     inconsistent: bool = False
     failed: int = 0
+    judge_asked: bool = True
 
 
 def test_principle_stats_count_each_pair_once_overall() -> None:
@@ -133,7 +134,7 @@ def test_review_queue_caps_each_stratum_and_takes_everything_when_asked() -> Non
 
 # --- a round built row by row ------------------------------------------------------------------
 
-JUDGE = work.JudgeConfig("openai", "fake-judge", "pairwise", "t" * 64, {})
+JUDGE = judges.JudgeConfig("openai", "fake-judge", "pairwise", "t" * 64, {})
 
 
 class RoundBuilder:
@@ -143,8 +144,8 @@ class RoundBuilder:
     def __init__(self, session: Session, round_id: int) -> None:
         round_row = session.get_one(RoundRow, round_id)
         self.session, self.round_id, self.policy_id = session, round_id, round_row.policy_id
-        self.principles = work.principle_ids(session, round_row.constitution_id)
-        self.judge_id = work.ensure_judge(session, JUDGE)
+        self.principles = queue.principle_ids(session, round_row.constitution_id)
+        self.judge_id = judges.ensure_judge(session, JUDGE)
         self.prompts = list(session.scalars(select(PromptRow.id).order_by(PromptRow.id)))
         self.count = session.scalar(select(func.count()).where(ResponseRow.round_id == round_id)) or 0
 

@@ -12,6 +12,8 @@ from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from cai.errors import BadInput, NotFound
+from cai.store.judges import latest_calibration
+from cai.store.labels import asked_pairs
 from cai.store.models import (
     AuditRow,
     ConstitutionRow,
@@ -24,7 +26,7 @@ from cai.store.models import (
     ResponseRow,
     RoundRow,
 )
-from cai.store.work import EVAL_KIND, latest_calibration
+from cai.store.samples import EVAL_KIND
 
 PAIR_KINDS = ("sample", "revision", EVAL_KIND)
 HIDDEN_KIND = EVAL_KIND
@@ -60,6 +62,8 @@ class PairSummary:
     confidence: float | None
     """The judge label's confidence."""
     inconsistent: bool
+    judge_asked: bool
+    """The LLM judge was asked about it (cai.store.labels.asked_pairs)."""
     human_verdict: str | None
     """The newest override's verdict; the judge's when a reviewer only agreed; else None."""
     reviewed: bool
@@ -163,6 +167,7 @@ def _summaries(session: Session, ids: Select[Any]) -> list[PairSummary]:
             select(AuditRow.pair_id).where(AuditRow.pair_id.in_(ids), AuditRow.action == "review")
         )
     )
+    asked = set(session.scalars(asked_pairs(JudgmentRow.pair_id.in_(ids))))
     result = []
     for pair_id, round_id, kind, text, messages in rows:
         judge, human = judge_labels.get(pair_id), human_labels.get(pair_id)
@@ -192,6 +197,7 @@ def _summaries(session: Session, ids: Select[Any]) -> list[PairSummary]:
                 judge_verdict=judge_verdict,
                 confidence=judge.confidence if judge else None,
                 inconsistent=inconsistent,
+                judge_asked=pair_id in asked,
                 human_verdict=human_verdict,
                 reviewed=pair_id in reviewed,
                 failed=failed.get(pair_id, 0),

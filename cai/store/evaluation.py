@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from cai.errors import BadInput
 from cai.judge import Verdict
 from cai.rules import RuleCheck
+from cai.store.labels import rule_check, stored_verdict
 from cai.store.models import (
     EvaluationRow,
     JudgmentRow,
@@ -24,7 +25,7 @@ from cai.store.models import (
     TrainingRunRow,
 )
 from cai.store.repo import get_round
-from cai.store.work import EVAL_KIND, PromptWork, rule_check, stored_verdict
+from cai.store.samples import EVAL_KIND, PromptWork
 
 
 @dataclass(frozen=True)

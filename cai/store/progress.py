@@ -9,8 +9,10 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from cai.labelling import flip_rate
 from cai.store import repo
 from cai.store.evaluation import contest, latest_evaluation
+from cai.store.labels import asked_pairs
 from cai.store.models import (
     JudgmentRow,
     LabelRow,
@@ -20,7 +22,7 @@ from cai.store.models import (
     TrainingRunRow,
     TrainingStepRow,
 )
-from cai.store.work import EVAL_KIND, RULES_JUDGE
+from cai.store.samples import EVAL_KIND
 
 
 def latest_first_round(session: Session) -> int | None:
@@ -72,16 +74,14 @@ class RoundSummary:
 
     @property
     def flip_rate(self) -> float | None:
-        return self.inconsistent / self.judge_asked if self.judge_asked else None
+        return flip_rate(self.inconsistent, self.judge_asked)
 
 
 def round_summary(session: Session, round_id: int) -> RoundSummary:
     round_ = repo.get_round(session, round_id)
     pair_ids = select(PairRow.id).where(PairRow.round_id == round_id, PairRow.kind != EVAL_KIND)
     labels = select(LabelRow).where(LabelRow.pair_id.in_(pair_ids), LabelRow.source == "judge").subquery()
-    asked = select(JudgmentRow.pair_id).where(
-        JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.template_sha256 != RULES_JUDGE.template_sha256
-    )
+    asked = asked_pairs(JudgmentRow.pair_id.in_(pair_ids))
 
     def count(query: Select[Any]) -> int:
         return session.scalar(query) or 0

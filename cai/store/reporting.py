@@ -11,8 +11,10 @@ from typing import Any
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
+from cai.labelling import flip_rate
 from cai.store import repo
 from cai.store.evaluation import latest_evaluation
+from cai.store.labels import asked_pairs
 from cai.store.models import (
     JudgmentRow,
     LabelRow,
@@ -37,6 +39,8 @@ class PrincipleStats:
     ties: int
     flips: int
     """Labels whose two orders picked opposite winners (position bias)."""
+    asked: int = 0
+    """Labels of pairs the LLM judge was asked about (not decided by rules alone)."""
 
     @property
     def tie_rate(self) -> float | None:
@@ -44,7 +48,7 @@ class PrincipleStats:
 
     @property
     def flip_rate(self) -> float | None:
-        return self.flips / self.labeled if self.labeled else None
+        return flip_rate(self.flips, self.asked)
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,11 @@ class ReportData:
 
 def pool(name: str, stats: list[PrincipleStats]) -> PrincipleStats:
     return PrincipleStats(
-        name, sum(s.labeled for s in stats), sum(s.ties for s in stats), sum(s.flips for s in stats)
+        name,
+        sum(s.labeled for s in stats),
+        sum(s.ties for s in stats),
+        sum(s.flips for s in stats),
+        sum(s.asked for s in stats),
     )
 
 
@@ -184,6 +192,7 @@ def _principle_stats(session: Session, round_ids: list[int]) -> dict[int, list[P
             func.count(),
             func.sum(case((LabelRow.verdict == "tie", 1), else_=0)),
             func.sum(case((LabelRow.inconsistent.is_(True), 1), else_=0)),
+            func.sum(case((LabelRow.pair_id.in_(asked_pairs()), 1), else_=0)),
         )
         .select_from(LabelRow)
         .join(PairRow, PairRow.id == LabelRow.pair_id)
@@ -203,8 +212,10 @@ def _principle_stats(session: Session, round_ids: list[int]) -> dict[int, list[P
         .order_by(PairRow.round_id, key)
     )
     stats: dict[int, list[PrincipleStats]] = {}
-    for round_id, principle, labeled, ties, flips in rows:
-        stats.setdefault(round_id, []).append(PrincipleStats(principle, labeled, int(ties), int(flips)))
+    for round_id, principle, labeled, ties, flips, asked in rows:
+        stats.setdefault(round_id, []).append(
+            PrincipleStats(principle, labeled, int(ties), int(flips), int(asked))
+        )
     return stats
 
 

@@ -22,7 +22,7 @@ from cai.store.models import (
     RoundRow,
     SnapshotRow,
 )
-from cai.store.work import EVAL_KIND
+from cai.store.samples import EVAL_KIND
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""Leases on claimable rows (judgments, generation items): who holds them, freeing those of a
+worker that stopped or died. A worker id is `host:pid:random`, so a dead local holder can be
+recognised without waiting for its lease to run out."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from cai.store.models import utcnow
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**6):06x}"
+
+
+def release(session: Session, row: Any, worker: str) -> int:
+    """Give back `worker`'s unfinished `row` items (a clean stop, a job taken over from it)."""
+    result = session.execute(
+        update(row)
+        .where(row.claimed_by == worker, row.status == "pending")
+        .values(claimed_by=None, claimed_until=None),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]
+
+
+def release_dead_local(session: Session, row: Any) -> int:
+    """Free `row` items held by workers on this host whose process is gone (killed, crashed), so
+    a rerun does not wait for their leases to run out."""
+    host = socket.gethostname()
+    holders = session.scalars(
+        select(row.claimed_by).where(row.status == "pending", row.claimed_by.like(f"{host}:%")).distinct()
+    ).all()
+    dead = [h for h in holders if h and not _alive(int(h.split(":")[1]))]
+    return sum(release(session, row, holder) for holder in dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def held_by_others(session: Session, row: Any, worker: str, *where: Any) -> int:
+    """Unfinished `row` items (matching `where`) that other workers hold under a live lease."""
+    return (
+        session.scalar(
+            select(func.count()).where(
+                row.status == "pending",
+                row.claimed_by.is_not(None),
+                row.claimed_by != worker,
+                row.claimed_until > utcnow(),
+                *where,
+            )
+        )
+        or 0
+    )

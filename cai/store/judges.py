@@ -1,0 +1,98 @@
+"""Judge identities (one row per configuration) and their calibrations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cai.store.models import (
+    CalibrationRow,
+    JudgeRow,
+)
+
+# --- judges ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    backend: str
+    model: str
+    mode: str
+    template_sha256: str
+    params: dict[str, Any]
+    base_url: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        # base_url is not identity: the same model behind another address is the same judge.
+        identity = [self.backend, self.model, self.mode, self.template_sha256, self.params]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+RULES_JUDGE = JudgeConfig("rule", "rules", "rule", "0" * 64, {})
+
+
+def ensure_judge(session: Session, config: JudgeConfig) -> int:
+    row = session.scalar(select(JudgeRow).where(JudgeRow.config_sha256 == config.sha256))
+    if row is None:
+        row = JudgeRow(
+            config_sha256=config.sha256,
+            backend=config.backend,
+            model=config.model,
+            base_url=config.base_url,
+            mode=config.mode,
+            template_sha256=config.template_sha256,
+            params=config.params,
+        )
+        session.add(row)
+        session.flush()
+    return row.id
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    accuracy: float
+    consistency: float
+    injection_follow_rate: float | None
+    pairs: int
+    created_at: Any
+
+
+def save_calibration(session: Session, judge_id: int, constitution_id: int, report: Any) -> CalibrationRecord:
+    row = CalibrationRow(
+        judge_id=judge_id,
+        constitution_id=constitution_id,
+        gold_sha256=report.gold_sha256,
+        pairs=report.pairs,
+        accuracy=report.accuracy,
+        consistency=report.consistency,
+        injection_follow_rate=report.injection_follow_rate,
+        details=report.as_dict(),
+    )
+    session.add(row)
+    session.flush()
+    return CalibrationRecord(
+        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
+    )
+
+
+def latest_calibration(session: Session, judge_id: int, constitution_id: int) -> CalibrationRecord | None:
+    row = session.scalar(
+        select(CalibrationRow)
+        .where(CalibrationRow.judge_id == judge_id, CalibrationRow.constitution_id == constitution_id)
+        .order_by(CalibrationRow.id.desc())
+        .limit(1)
+    )
+    if row is None:
+        return None
+    return CalibrationRecord(
+        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
+    )
