@@ -1,6 +1,7 @@
-"""Sample N responses per prompt from a round's policy and form pairs. Each batch is committed as
-it finishes, keyed by (round, prompt, policy, sample index), so a rerun continues where the last
-one stopped."""
+"""Sampling a round's responses: per-request seeds, the pairs of distinct answers, and the sampling
+loop itself. What is left to sample is stored as claimable items, so several workers can sample
+one round at once; each batch is committed as it finishes, keyed by (round, prompt, policy,
+sample index), so a rerun continues where the last one stopped and nothing is sampled twice."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
-
 from cai.backends.base import Sampler, SampleRequest, SamplingParams
-from cai.store import repo, work
-from cai.store.db import session_scope
+from cai.stages.progress import Progress, check
+from cai.store import claims, repo, samples
+from cai.store.models import GenerationItemRow
+from cai.workspace import Workspace
+
+SAMPLE_LEASE_S = 900.0
+"""How long a claimed batch is a worker's: longer than any batch takes, short enough that the
+work of a worker that died on another machine is taken up again the same hour."""
 
 
 def sample_seed(round_seed: int, prompt_id: int, index: int) -> int:
@@ -40,83 +45,70 @@ class GenerationStats:
     identical_skipped: int = 0
 
 
-def run_generation(
-    engine: Engine,
-    round_id: int,
-    sampler: Sampler,
-    samples: int = 2,
-    limit: int | None = None,
-    params: SamplingParams | None = None,
-    batch_size: int = 16,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> GenerationStats:
-    """Sample what is missing, then pair every prompt whose samples are all stored.
-    `on_batch(done, total)` reports progress in responses."""
-    with session_scope(engine) as session:
-        round_ = repo.get_round(session, round_id)
-        policy_id, seed = round_.policy_id, int(round_.config.get("seed", 0))
-        prompts = work.round_prompts(session, round_id, limit)
-        work.set_round_status(session, round_id, "generating")
-    stats = GenerationStats(prompts=len(prompts))
-    stats.sampled, stats.already_stored = sample_missing(
-        engine, round_id, policy_id, sampler, prompts, samples, seed, params, batch_size, "sample", on_batch
-    )
-    with session_scope(engine) as session:
-        stored = work.stored_samples(session, round_id, policy_id)
-        for prompt in prompts:
-            texts = [stored[(prompt.id, i)] for i in range(samples) if (prompt.id, i) in stored]
-            if len(texts) < samples:
-                continue
-            pairs = pairs_for(texts)
-            stats.identical_skipped += len(list(itertools.combinations(texts, 2))) - len(pairs)
-            stats.pairs_added += work.add_pairs(session, round_id, prompt.id, pairs)
-        work.set_round_status(session, round_id, "generated")
-    return stats
-
-
 def sample_missing(
-    engine: Engine,
+    ws: Workspace,
     round_id: int,
     policy_id: int,
-    sampler: Sampler,
-    prompts: list[work.PromptWork],
-    samples: int,
+    make_sampler: Callable[[], Sampler],
+    prompts: list[samples.PromptWork],
+    count: int,
     seed: int,
-    params: SamplingParams | None = None,
-    batch_size: int = 16,
+    params: SamplingParams,
+    batch_size: int,
+    progress: Progress,
     origin: str = "sample",
-    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
-    """Sample the (prompt, index) responses of `policy_id` not stored yet, committing each batch;
-    returns (sampled now, already stored)."""
-    params = params or SamplingParams()
-    with session_scope(engine) as session:
-        stored = work.stored_samples(session, round_id, policy_id, origin)
-    todo = [(p, i) for p in prompts for i in range(samples) if (p.id, i) not in stored]
-    if on_batch:
-        on_batch(0, len(todo))
+    """Sample the (prompt, index) responses of `policy_id` not stored yet, a claimed batch at a
+    time, and return (sampled by this worker, already stored). `make_sampler` is called only
+    when there is something to sample (loading a model takes a while). Stops at a batch boundary
+    when `progress` asks (the unfinished claims are given back)."""
+    todo = [(p.id, i, sample_seed(seed, p.id, i)) for p in prompts for i in range(count)]
+    with ws.session() as session:
+        repo.lock_round(session, round_id)  # workers sharing the round plan one at a time
+        samples.plan_samples(session, round_id, policy_id, todo, origin)
+        claims.release_dead_local(session, GenerationItemRow)
+        stored = samples.stored_samples(session, round_id, policy_id, origin)
+        pending = samples.pending_samples(session, round_id, policy_id, origin)
+    already = sum((prompt_id, index) in stored for prompt_id, index, _ in todo)
+    progress.update(0, pending)
+    sampler: Sampler | None = None
     sampled = 0
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        requests = [SampleRequest(p.messages, sample_seed(seed, p.id, i)) for p, i in batch]
-        results = sampler.sample(requests, params)
-        with session_scope(engine) as session:
-            for (prompt, index), request, result in zip(batch, requests, results, strict=True):
-                work.add_response(
-                    session,
-                    origin=origin,
-                    round_id=round_id,
-                    prompt_id=prompt.id,
-                    policy_id=policy_id,
-                    sample_index=index,
-                    text=result.text,
-                    sampling={**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model},
-                    seed=request.seed if result.seed is None else result.seed,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    finish_reason=result.finish_reason,
+    try:
+        while True:
+            check(progress, "between sampling batches")
+            with ws.session() as session:
+                batch = samples.claim_samples(
+                    session, round_id, policy_id, origin, ws.worker_id, batch_size, SAMPLE_LEASE_S
                 )
-        sampled += len(batch)
-        if on_batch:
-            on_batch(sampled, len(todo))
-    return sampled, len(prompts) * samples - len(todo)
+            if not batch:
+                break
+            sampler = sampler or make_sampler()
+            requests = [SampleRequest(item.messages, item.seed) for item in batch]
+            results = sampler.sample(requests, params)
+            meta = {**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model}
+            with ws.session() as session:
+                mine = samples.complete_samples(session, ws.worker_id, [item.id for item in batch])
+                for item, request, result in zip(batch, requests, results, strict=True):
+                    if item.id not in mine:
+                        continue  # its lease ran out and another worker took it: no duplicate
+                    samples.add_response(
+                        session,
+                        origin=origin,
+                        round_id=round_id,
+                        prompt_id=item.prompt_id,
+                        policy_id=policy_id,
+                        sample_index=item.sample_index,
+                        text=result.text,
+                        sampling=meta,
+                        seed=request.seed if result.seed is None else result.seed,
+                        prompt_tokens=result.prompt_tokens,
+                        completion_tokens=result.completion_tokens,
+                        finish_reason=result.finish_reason,
+                    )
+                left = samples.pending_samples(session, round_id, policy_id, origin)
+            sampled += len(mine)
+            progress.update(max(0, pending - left), pending)
+    finally:
+        with ws.session() as session:
+            claims.release(session, GenerationItemRow, ws.worker_id)
+    return sampled, already

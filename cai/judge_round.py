@@ -16,12 +16,13 @@ from sqlalchemy.orm import Session
 from cai.backends.base import ChatBackend
 from cai.errors import BadInput
 from cai.judging import JudgeOptions, JudgeRun, RunStats
-from cai.store import repo, work
+from cai.store import judges, labels, queue, repo
 from cai.store.db import session_scope
+from cai.store.samples import EVAL_KIND
 from cai.templates import TemplateSet
 
 TEMPLATES = {"pairwise": "judge_pairwise", "score": "judge_score", "revise": "revision"}
-PAIR_PHASES = ("sample", "revision", work.EVAL_KIND)
+PAIR_PHASES = ("sample", "revision", EVAL_KIND)
 Runner = Callable[[JudgeRun, int, str], Coroutine[Any, Any, RunStats]]
 
 
@@ -34,26 +35,34 @@ class JudgeSpec:
     base_url: str | None
     params: dict[str, object]
 
-    def config(self, mode: str, templates: TemplateSet) -> work.JudgeConfig:
+    def config(self, mode: str, templates: TemplateSet) -> judges.JudgeConfig:
         template = TEMPLATES[mode]
-        return work.JudgeConfig(
+        return judges.JudgeConfig(
             self.backend, self.model, mode, templates.sha256[template], self.params, self.base_url
         )
 
 
 @dataclass
 class RoundJudgement:
-    summary: work.JudgeSummary
+    summary: labels.JudgeSummary
     stats: RunStats
     planned: int
     retried: int
     reclaimed: int
-    calibration: work.CalibrationRecord | None = None
+    calibration: judges.CalibrationRecord | None = None
     """The judge's latest calibration under this constitution (accuracy, injection-follow rate)."""
 
 
 async def plain_runner(run: JudgeRun, pending: int, phase: str) -> RunStats:
     return await run.run()
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims the work and when to stop claiming (a job's owner, its cancel flag)."""
+
+    worker: str
+    should_stop: Callable[[], bool] | None = None
 
 
 async def judge_round(
@@ -63,21 +72,15 @@ async def judge_round(
     backend: ChatBackend,
     templates: TemplateSet,
     options: JudgeOptions,
+    claimant: Claimant,
     mode: str = "pairwise",
-    min_calibration: float | None = None,
     runner: Runner = plain_runner,
 ) -> RoundJudgement:
-    if mode not in TEMPLATES:
-        raise BadInput(f"--mode: {mode!r} is not one of {', '.join(TEMPLATES)}")
-    result = RoundJudgement(work.JudgeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0.0), RunStats(), 0, 0, 0)
+    """Every phase of `mode`, then the summary of the labels it made. Status changes are the
+    judge stage's (cai.stages.judge)."""
+    result = RoundJudgement(labels.JudgeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0.0), RunStats(), 0, 0, 0)
     pairwise = spec.config("pairwise", templates)
-    if min_calibration is not None:
-        # Calibration measures the judge's pairwise verdicts, whatever the mode of this run.
-        with session_scope(engine) as session:
-            constitution_id = repo.get_round(session, round_id).constitution_id
-            judge_id = work.ensure_judge(session, pairwise)
-            _require_calibration(session, judge_id, constitution_id, min_calibration, spec.model)
-    run = (engine, round_id, backend, templates, options, runner, result)
+    run = (engine, round_id, backend, templates, options, runner, result, claimant)
     if mode == "score":
         labelling = spec.config("score", templates)
         await _phase(*run, labelling, "score")
@@ -85,20 +88,18 @@ async def judge_round(
         labelling, reviser = pairwise, spec.config("revise", templates)
         if not await _phase(*run, reviser, "revise"):
             with session_scope(engine) as session:
-                work.lock_round(session, round_id)
-                work.materialise_revisions(session, round_id, work.ensure_judge(session, reviser))
+                repo.lock_round(session, round_id)
+                labels.materialise_revisions(session, round_id, judges.ensure_judge(session, reviser))
             await _phase(*run, pairwise, "revision")
     else:
         labelling = pairwise
         await _phase(*run, pairwise, "sample")
     with session_scope(engine) as session:
-        result.summary = work.judge_summary(session, round_id, work.ensure_judge(session, labelling))
+        result.summary = labels.judge_summary(session, round_id, judges.ensure_judge(session, labelling))
         constitution_id = repo.get_round(session, round_id).constitution_id
-        result.calibration = work.latest_calibration(
-            session, work.ensure_judge(session, pairwise), constitution_id
+        result.calibration = judges.latest_calibration(
+            session, judges.ensure_judge(session, pairwise), constitution_id
         )
-        if result.summary.pending == 0 and not result.stats.stopped_by_budget:
-            work.set_round_status(session, round_id, "judged")
     return result
 
 
@@ -110,23 +111,24 @@ async def _phase(
     options: JudgeOptions,
     runner: Runner,
     result: RoundJudgement,
-    config: work.JudgeConfig,
+    claimant: Claimant,
+    config: judges.JudgeConfig,
     phase: str,
 ) -> bool:
     """phase: 'sample', 'revision' or 'eval' (pairs of that kind, judged pairwise), 'score' or
-    'revise'. Returns True when the budget stopped it."""
-    evaluation = phase == work.EVAL_KIND
+    'revise'. Returns True when it stopped early (budget, or asked to)."""
+    evaluation = phase == EVAL_KIND
     with session_scope(engine) as session:
-        work.lock_round(session, round_id)  # concurrent workers plan one at a time
+        repo.lock_round(session, round_id)  # concurrent workers plan one at a time
         round_ = repo.get_round(session, round_id)
         name, version = round_.constitution.split("@")
         stored = repo.get_constitution(session, name, int(version))
-        judge_id = work.ensure_judge(session, config)
-        rules_judge_id = work.ensure_judge(session, work.RULES_JUDGE)
+        judge_id = judges.ensure_judge(session, config)
+        rules_judge_id = judges.ensure_judge(session, judges.RULES_JUDGE)
         seed = int(round_.config.get("seed", 0))
         common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
         if phase in PAIR_PHASES:
-            planned = work.plan_judgments(
+            planned = queue.plan_judgments(
                 session,
                 round_id,
                 judge_id,
@@ -137,17 +139,15 @@ async def _phase(
                 max_judge_pairs=options.max_judge_pairs,
             )
         else:
-            planned = work.plan_single(
+            planned = queue.plan_single(
                 session, round_id, judge_id, *common, first_sample_only=phase == "revise"
             )
         result.planned += planned
-        result.retried += work.reset_failures(
+        result.retried += queue.reset_failures(
             session, round_id, judge_id, every_failure=options.retry_failed, evaluation=evaluation
         )
-        result.reclaimed += work.release_dead_local_claims(session)
-        if not evaluation:
-            work.set_round_status(session, round_id, "judging")
-        pending = work.pending_count(session, round_id, judge_id, evaluation)
+        result.reclaimed += queue.release_dead_local_claims(session)
+        pending = queue.pending_count(session, round_id, judge_id, evaluation)
     mode = "pairwise" if phase in PAIR_PHASES else phase
     run = JudgeRun(
         engine,
@@ -159,16 +159,18 @@ async def _phase(
         options,
         mode=mode,
         evaluation=evaluation,
+        worker=claimant.worker,
+        should_stop=claimant.should_stop,
     )
     stats = await runner(run, pending, phase)
     _merge(result.stats, stats)
     with session_scope(engine) as session:
-        work.lock_round(session, round_id)  # another worker may be aggregating the same pairs
+        repo.lock_round(session, round_id)  # another worker may be aggregating the same pairs
         if phase == "score":
-            work.aggregate_scores(session, round_id, judge_id)
+            labels.aggregate_scores(session, round_id, judge_id)
         elif phase in ("sample", "revision"):
-            work.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
-    return stats.stopped_by_budget
+            labels.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
+    return stats.stopped_by_budget or stats.stopped_on_request
 
 
 async def judge_evaluation(
@@ -178,11 +180,12 @@ async def judge_evaluation(
     backend: ChatBackend,
     templates: TemplateSet,
     options: JudgeOptions,
+    claimant: Claimant,
     runner: Runner = plain_runner,
 ) -> RoundJudgement:
     """Judge the round's evaluation pairs pairwise, in both orders, with the labeling judge's
     identity; no labels are made (cai.evaluate tallies the verdicts)."""
-    result = RoundJudgement(work.JudgeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0.0), RunStats(), 0, 0, 0)
+    result = RoundJudgement(labels.JudgeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0.0), RunStats(), 0, 0, 0)
     await _phase(
         engine,
         round_id,
@@ -191,6 +194,7 @@ async def judge_evaluation(
         options,
         runner,
         result,
+        claimant,
         spec.config("pairwise", templates),
         "eval",
     )
@@ -202,22 +206,28 @@ def _merge(total: RunStats, more: RunStats) -> None:
     total.failed += more.failed
     total.spent_usd += more.spent_usd
     total.stopped_by_budget |= more.stopped_by_budget
+    total.stopped_on_request |= more.stopped_on_request
+    total.last_error = more.last_error or total.last_error
     total.wall_s += more.wall_s
     for kind, count in more.errors.items():
         total.errors[kind] = total.errors.get(kind, 0) + count
 
 
-def _require_calibration(
-    session: Session, judge_id: int, constitution_id: int, minimum: float, model: str
+def require_calibration(
+    session: Session, spec: JudgeSpec, templates: TemplateSet, round_id: int, minimum: float
 ) -> None:
-    record = work.latest_calibration(session, judge_id, constitution_id)
+    """Refuse a judge whose latest calibration under the round's constitution (of its pairwise
+    verdicts, whatever the mode) is missing or below `minimum`."""
+    constitution_id = repo.get_round(session, round_id).constitution_id
+    judge_id = judges.ensure_judge(session, spec.config("pairwise", templates))
+    record = judges.latest_calibration(session, judge_id, constitution_id)
     if record is None:
         raise BadInput(
-            f"--min-calibration: judge {model!r} has no calibration for this constitution; "
+            f"min_calibration: judge {spec.model!r} has no calibration for this constitution; "
             "run `cai judge calibrate` first"
         )
     if record.accuracy < minimum:
         raise BadInput(
-            f"--min-calibration: judge {model!r} scored {record.accuracy:.2f} on the gold set "
+            f"min_calibration: judge {spec.model!r} scored {record.accuracy:.2f} on the gold set "
             f"(consistency {record.consistency:.2f}), below {minimum:.2f}; use a stronger judge"
         )

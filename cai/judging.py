@@ -25,7 +25,7 @@ from cai.judge import (
     revise_request,
     score_request,
 )
-from cai.store import work
+from cai.store import claims, queue
 from cai.store.db import session_scope
 from cai.templates import TemplateSet
 
@@ -124,8 +124,15 @@ class RunStats:
     failed: int = 0
     spent_usd: float = 0.0
     stopped_by_budget: bool = False
+    stopped_on_request: bool = False
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+
+    @property
+    def unreachable(self) -> bool:
+        """Every request failed in transport (refused, timed out, 5xx): no judge answered."""
+        return self.judged == 0 and self.failed > 0 and set(self.errors) <= {"transient", "permanent"}
 
 
 @dataclass
@@ -142,18 +149,21 @@ class JudgeRun:
     """How to judge single-response items (score or revise); pair items are always pairwise."""
     evaluation: bool = False
     """Judge the round's evaluation pairs instead of its labeling work."""
+    worker: str = field(default_factory=claims.new_worker_id)
+    """Who the claims are made as (a job passes its owner's id)."""
+    should_stop: Callable[[], bool] | None = None
+    """Asked between results: True stops claiming; in-flight requests finish and are stored."""
 
     def __post_init__(self) -> None:
-        self.worker = work.worker_id()
         self.stats = RunStats()
-        self._results: list[work.JudgmentResult] = []
+        self._results: list[queue.JudgmentResult] = []
 
     async def run(self) -> RunStats:
         """Judge until nothing is left to claim (or the budget is spent). Claims and writes run
         in background threads so that judge requests never wait on the database."""
         started = time.perf_counter()
         options = self.options
-        buffer: list[work.WorkItem] = []
+        buffer: list[queue.WorkItem] = []
         # Futures of three kinds share one wait: judge calls, a claim, a write.
         in_flight: set[asyncio.Future[Any]] = set()
         claiming: asyncio.Future[Any] | None = None
@@ -183,6 +193,8 @@ class JudgeRun:
                     self._collect(*task.result())
                 if options.budget_usd is not None and self.stats.spent_usd >= options.budget_usd:
                     stopping = self.stats.stopped_by_budget = True
+                if not stopping and self.should_stop is not None and self.should_stop():
+                    stopping = self.stats.stopped_on_request = True
                 if flushing is not None and flushing.done():
                     flushing.result()  # surface a failed write
                     flushing = None
@@ -204,7 +216,7 @@ class JudgeRun:
         self.stats.wall_s = time.perf_counter() - started
         return self.stats
 
-    async def _judge(self, item: work.WorkItem) -> tuple[work.WorkItem, Outcome, str]:
+    async def _judge(self, item: queue.WorkItem) -> tuple[queue.WorkItem, Outcome, str]:
         principle = self.constitution.principle(item.principle_key)
         args = (self.templates, self.constitution, principle, item.conversation)
         parse: Parser
@@ -226,7 +238,7 @@ class JudgeRun:
         outcome = await judge_once(self.backend, request, parse, self.options)
         return item, outcome, rendered.request_sha256
 
-    def _collect(self, item: work.WorkItem, outcome: Outcome, request_sha256: str) -> None:
+    def _collect(self, item: queue.WorkItem, outcome: Outcome, request_sha256: str) -> None:
         cost = self.options.cost(outcome.prompt_tokens, outcome.completion_tokens)
         self.stats.spent_usd += cost or 0.0
         if outcome.parsed is not None:
@@ -235,8 +247,9 @@ class JudgeRun:
             self.stats.failed += 1
             kind = outcome.error_kind or "unknown"
             self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+            self.stats.last_error = outcome.error
         self._results.append(
-            work.JudgmentResult(
+            queue.JudgmentResult(
                 judgment_id=item.judgment_id,
                 status="ok" if outcome.parsed is not None else "failed",
                 attempts=outcome.attempts,
@@ -254,17 +267,17 @@ class JudgeRun:
         if self.on_result:
             self.on_result(self.stats)
 
-    def _claim(self, n: int) -> list[work.WorkItem]:
+    def _claim(self, n: int) -> list[queue.WorkItem]:
         with session_scope(self.engine) as session:
-            return work.claim(
+            return queue.claim(
                 session, self.round_id, self.judge_id, self.worker, n, self.options.lease_s, self.evaluation
             )
 
-    def _write(self, results: list[work.JudgmentResult]) -> None:
+    def _write(self, results: list[queue.JudgmentResult]) -> None:
         if results:
             with session_scope(self.engine) as session:
-                work.record(session, self.worker, results)
+                queue.record(session, self.worker, results)
 
     def _release(self) -> None:
         with session_scope(self.engine) as session:
-            work.release(session, self.worker)
+            queue.release(session, self.worker)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from cai.loop import STEPS, steps_left
+from cai.stages.status import STEPS, steps_left
 from cai.store.db import session_scope
 from cai.store.models import (
     EvaluationRow,

@@ -16,11 +16,11 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
     from cai.config import Settings
+    from cai.workspace import Workspace
 
 out = Console()
 err = Console(stderr=True)
@@ -69,45 +69,80 @@ def new_app(help_text: str) -> typer.Typer:
     )
 
 
-def settings(ctx: typer.Context) -> Settings:
+def workspace(ctx: typer.Context) -> Workspace:
+    """The process's workspace (settings, one engine, backend factories), made by the root command."""
     root = ctx.find_root()
     if root.obj is None:
-        from cai.config import load_settings
+        from cai.workspace import Workspace
 
-        root.obj = load_settings()
-    return root.obj
+        root.obj = Workspace()
+    workspace_: Workspace = root.obj
+    return workspace_
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return workspace(ctx).settings
 
 
 def engine(ctx: typer.Context) -> Engine:
-    """The store's engine, upgraded to the current schema on first use."""
-    from cai.store.db import ensure_schema, make_engine
-
-    store = make_engine(settings(ctx).database_url)
-    ensure_schema(store)
-    return store
+    """The store's engine, upgraded to the current schema on first use (once per process)."""
+    return workspace(ctx).engine
 
 
 @contextmanager
 def transaction(ctx: typer.Context) -> Iterator[Session]:
     """One transaction for a whole command: bad input rolls everything back."""
-    from cai.store.db import session_scope
-
-    with session_scope(engine(ctx)) as session:
+    with workspace(ctx).session() as session:
         yield session
 
 
-def progress_bar(*extra_columns: str) -> Progress:
-    """The progress display every long command uses (on stderr, so --json output stays clean)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+class RichProgress:
+    """Stage progress (cai.stages.progress) drawn as rich bars on stderr, so --json output stays
+    clean; a new task completes the previous bar. Never asks a stage to stop (Ctrl-C does)."""
 
-    columns = (
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    return Progress(*columns, *extra_columns, console=err)
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bars = Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            "{task.fields[info]}",
+            console=err,
+        )
+        self.current: Any = None
+
+    def __enter__(self) -> RichProgress:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bars.__exit__(*exc)
+
+    def task(self, label: str, total: int | None = None) -> None:
+        self.current = self.bars.add_task(label, total=total, info="")
+
+    def update(self, done: int, total: int | None = None, info: str = "") -> None:
+        if self.current is None:
+            self.task("working")
+        fields: dict[str, Any] = {"completed": done, "info": info}
+        if total is not None:
+            fields["total"] = total
+        self.bars.update(self.current, **fields)
+
+    def note(self, message: str) -> None:
+        self.bars.console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+    def stop_requested(self) -> bool:
+        return False
 
 
 def print_json(value: Any) -> None:

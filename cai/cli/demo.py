@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cai.cli.app import err, out, settings
-from cai.cli.labeling import BASE_URL_OPTION, MODEL_OPTION
+from cai.cli.app import RichProgress, err, out, quiet_libraries, settings
+from cai.cli.flags import Flags, with_settings
+from cai.stages.settings import JudgeEndpoint
 
 if TYPE_CHECKING:
     from cai.store.progress import RoundSummary
@@ -18,6 +19,7 @@ DEMO_CONSTITUTION = ("constitutions", "concise-safe/v2.yaml")
 DEMO_PROMPTS = ("prompt_sets", "helpful-harmless.jsonl")
 
 
+@with_settings(endpoint=Flags(JudgeEndpoint, only=("judge_base_url", "judge_model")))
 def demo(
     ctx: typer.Context,
     directory: Path = typer.Option(
@@ -39,36 +41,36 @@ def demo(
     # rules reward brevity, and a 135M judge cannot object); one epoch moves it less, and sanely.
     epochs: float = typer.Option(1.0, "--epochs", min=0.1, help="DPO epochs over the round's pairs."),
     learning_rate: float = typer.Option(3e-5, "--lr", min=0.0),
-    judge_base_url: str = BASE_URL_OPTION,
-    judge_model: str = MODEL_OPTION,
+    *,
+    endpoint: JudgeEndpoint,
 ) -> None:
     """Run the loop end to end, offline: register the shipped concise-safe@2 constitution and
     prompt set in a fresh SQLite database under --dir, start a round with the embedded
     SmolLM2-135M-Instruct, then generate, judge (rules in code, the embedded model for the
     judged principles), export, train with DPO, and compare the trained policy with its parent
     on held-out prompts. About 10 minutes on 2 CPU cores. Rerun it to resume."""
-    from cai.cli.loop import LoopSettings, print_summaries, run_loop
+    from cai.cli.loop import print_summaries
     from cai.errors import BadInput
-    from cai.judging import JudgeOptions
     from cai.resources import data_dir
+    from cai.stages.loop import run_loop
+    from cai.stages.settings import GenerateSettings, JudgeSettings, LoopSettings, TrainSettings
     from cai.store import progress, repo
-    from cai.store.db import session_scope
     from cai.train import TrainConfig
+    from cai.workspace import Workspace
 
     directory.mkdir(parents=True, exist_ok=True)
     database = directory.resolve() / "cai.db"
-    root = ctx.find_root()
-    root.obj = settings(ctx).model_copy(update={"database_url": f"sqlite:///{database}"})
+    ws = Workspace(settings(ctx).model_copy(update={"database_url": f"sqlite:///{database}"}))
+    ctx.find_root().obj = ws
     constitution_file = data_dir(DEMO_CONSTITUTION[0]) / DEMO_CONSTITUTION[1]
     prompt_file = data_dir(DEMO_PROMPTS[0]) / DEMO_PROMPTS[1]
     err.print(f"demo database: {database}", highlight=False)
 
-    from cai.cli.app import engine
     from cai.constitution import load_constitution
     from cai.promptsets import read_prompt_file
     from cai.registry import EMBEDDED_MODEL, resolve_model
 
-    with session_scope(engine(ctx)) as session:
+    with ws.session() as session:
         record, _ = repo.register_constitution(session, load_constitution(constitution_file))
         repo.import_prompts(session, read_prompt_file(prompt_file), source=prompt_file.name)
         first = progress.latest_first_round(session)
@@ -79,34 +81,33 @@ def demo(
             first = repo.create_round(session, record, policy, config).id
         elif repo.get_round(session, first).constitution != record.ref:
             raise BadInput(f"--dir: {directory} holds another project's rounds; choose a fresh --dir")
-    loop_settings = LoopSettings(
-        samples=samples,
-        limit=prompts,
-        eval_samples=1,
-        eval_limit=eval_prompts,
-        backend="hf",
-        base_url=None,
-        sampling={"temperature": 0.8, "top_p": 0.95, "max_new_tokens": max_new_tokens},
-        batch_size=16,
-        judge_mode="pairwise",
-        judge_base_url=judge_base_url,
-        judge_model=judge_model,
-        timeout=600.0,
-        judge_options=JudgeOptions(
+    loop_settings = LoopSettings.compose(
+        GenerateSettings(samples=samples, limit=prompts, max_new_tokens=max_new_tokens),
+        JudgeSettings(
+            judge_base_url=endpoint.judge_base_url,
+            judge_model=endpoint.judge_model,
+            timeout=600.0,
             concurrency=1,
             max_tokens=48,
             rules_first=True,
-            max_judge_pairs=None if judge_base_url else judge_pairs,
+            max_judge_pairs=None if endpoint.judge_base_url else judge_pairs,
         ),
-        min_confidence=None,
-        train_config=TrainConfig(
-            num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=4, save_steps=10
+        eval_limit=eval_prompts,
+        train=TrainSettings(
+            dpo=TrainConfig(
+                num_train_epochs=epochs,
+                learning_rate=learning_rate,
+                per_device_train_batch_size=4,
+                save_steps=10,
+            )
         ),
         artifacts=directory,
     )
-    summaries = run_loop(ctx, rounds, first, loop_settings)
+    quiet_libraries()
+    with RichProgress() as bars:
+        summaries = run_loop(ws, rounds, first, loop_settings, bars)
     print_summaries(summaries, as_json=False)
-    _explain(summaries, directory, database, judge_base_url is None)
+    _explain(summaries, directory, database, endpoint.judge_base_url is None)
 
 
 def _explain(summaries: list[RoundSummary], directory: Path, database: Path, embedded_judge: bool) -> None:

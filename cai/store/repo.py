@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from cai.constitution import Constitution, LoadedConstitution
@@ -24,6 +24,7 @@ from cai.store.models import (
     PromptTagRow,
     ResponseRow,
     RoundRow,
+    utcnow,
 )
 
 # --- constitutions -----------------------------------------------------------------------------
@@ -306,6 +307,9 @@ class RoundRecord:
     updated_at: datetime
     constitution_id: int
     policy_id: int
+    error: str | None = None
+    """Why the round failed (status `failed`), with the stage that failed."""
+    failed_step: str | None = None
 
 
 def create_round(
@@ -349,7 +353,42 @@ def get_round(session: Session, round_id: int) -> RoundRecord:
         row.updated_at,
         row.constitution_id,
         row.policy_id,
+        row.error,
+        row.failed_step,
     )
+
+
+def round_status(session: Session, round_id: int) -> tuple[str, str | None]:
+    """(status, failed stage) of a round."""
+    found = session.execute(
+        select(RoundRow.status, RoundRow.failed_step).where(RoundRow.id == round_id)
+    ).first()
+    if found is None:
+        raise NotFound(f"round {round_id} not found")
+    return found[0], found[1]
+
+
+def set_round_status(
+    session: Session, round_id: int, status: str, error: str | None = None, failed_step: str | None = None
+) -> None:
+    """Write a status chosen by cai.stages.status (the only caller); `error` and `failed_step`
+    are kept only with `failed`."""
+    session.execute(
+        update(RoundRow)
+        .where(RoundRow.id == round_id)
+        .values(status=status, error=error, failed_step=failed_step, updated_at=utcnow())
+    )
+
+
+def lock_round(session: Session, round_id: int) -> None:
+    """Serialise work on one round (planning, aggregation, status changes) between concurrent
+    workers. PostgreSQL: a transaction-scoped advisory lock. SQLite: every write transaction
+    already holds the database's write lock (BEGIN IMMEDIATE)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:namespace, :round_id)"),
+            {"namespace": 0xCA1, "round_id": round_id},
+        )
 
 
 def list_rounds(session: Session) -> list[RoundRecord]:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cai.errors import NotFound
@@ -137,3 +137,15 @@ def training_steps(session: Session, run_id: int) -> list[tuple[int, dict[str, A
         .order_by(TrainingStepRow.step)
     )
     return [(step, metrics) for step, metrics in rows]
+
+
+def latest_step(session: Session, round_id: int) -> int | None:
+    """The last step stored by the round's newest training run (progress of a run in another process)."""
+    return session.scalar(
+        select(func.max(TrainingStepRow.step)).where(
+            TrainingStepRow.training_run_id
+            == select(func.max(TrainingRunRow.id))
+            .where(TrainingRunRow.round_id == round_id)
+            .scalar_subquery()
+        )
+    )

@@ -1,0 +1,52 @@
+"""The export stage: a round's labels as a snapshot directory that TRL loads with no glue code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.export import manifest_sha256, write_snapshot
+from cai.stages.progress import Progress, Silent
+from cai.stages.settings import ExportSettings
+from cai.stages.status import Event, Stage, advance, failure_recorded
+from cai.store import repo
+from cai.store.snapshots import labelled_pairs, record_snapshot, round_provenance
+from cai.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    snapshot_id: int
+    created: bool
+    path: Path
+    manifest_sha256: str
+    manifest: dict[str, Any]
+
+
+def default_snapshot_dir(round_id: int, artifacts: Path = Path(".")) -> Path:
+    return artifacts / "snapshots" / f"round-{round_id}"
+
+
+def run_export(
+    ws: Workspace, round_id: int, settings: ExportSettings, progress: Progress | None = None
+) -> ExportResult:
+    """Write the snapshot (files first, manifest last) and record it; a judged round becomes
+    `exported`. The same labels give the same files and the same snapshot row."""
+    progress = progress or Silent()
+    target = settings.out or default_snapshot_dir(round_id)
+    with ws.session() as session:
+        repo.get_round(session, round_id)  # a clear error for an unknown round
+        pairs = labelled_pairs(session, round_id)
+        provenance = round_provenance(session, round_id)
+    with failure_recorded(ws, round_id, Stage.EXPORT):
+        progress.task(f"round {round_id}: writing snapshot", len(pairs))
+        manifest = write_snapshot(target, pairs, provenance, settings.filters(), settings.overwrite)
+        digest = manifest_sha256(target)
+        progress.update(len(pairs), len(pairs))
+        with ws.session() as session:
+            snapshot_id, created = record_snapshot(
+                session, round_id, str(target.resolve()), digest, manifest["counts"], manifest["filters"]
+            )
+            advance(session, round_id, Stage.EXPORT, Event.FINISH)
+    return ExportResult(snapshot_id, created, target, digest, manifest)

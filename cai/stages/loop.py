@@ -1,0 +1,120 @@
+"""The loop driver: rounds of generate -> judge -> export -> train -> eval, each round starting from
+the policy the previous one trained. The round's stored status (cai.stages.status) decides where
+a rerun resumes; every stage skips what is stored, so nothing is redone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cai.errors import BadInput
+from cai.stages.evaluate import run_eval
+from cai.stages.export import default_snapshot_dir, run_export
+from cai.stages.generate import run_generate
+from cai.stages.judge import run_judge
+from cai.stages.progress import Progress, Silent, check
+from cai.stages.settings import LoopSettings
+from cai.stages.status import FINISHED_BY, Stage, steps_left
+from cai.stages.train import default_run_dir, run_train
+from cai.store import progress as chain
+from cai.store import repo
+from cai.store.progress import RoundSummary
+from cai.workspace import Workspace
+
+Trainer = Callable[[Workspace, int, Any, Progress], dict[str, Any]]
+"""Runs the train stage: in-process (run_train), or launched on several devices by a worker."""
+
+
+class LoopStopped(Exception):
+    """A stage ended without finishing its round's part (budget, pending work)."""
+
+
+def run_loop(
+    ws: Workspace,
+    rounds: int,
+    from_round: int | None,
+    settings: LoopSettings,
+    progress: Progress | None = None,
+    train: Trainer = run_train,
+) -> list[RoundSummary]:
+    """Walk (and extend) the chain of rounds that starts at `from_round` (default: the newest
+    round that continues no other) until it has `rounds` rounds, finishing each; returns their
+    summaries. `train` runs the train stage (a worker may launch it on several devices)."""
+    progress = progress or Silent()
+    with ws.session() as session:
+        first = from_round if from_round is not None else chain.latest_first_round(session)
+        if first is None:
+            raise BadInput("no rounds yet: start one (cai round start -c NAME@VERSION), then run the loop")
+        repo.get_round(session, first)  # unknown id: bad input
+    done: list[int] = []
+    current: int | None = first
+    while current is not None and len(done) < rounds:
+        done.append(current)
+        finish_round(ws, current, settings, progress, train)
+        if len(done) == rounds:
+            break
+        with ws.session() as session:
+            current = chain.next_round(session, current)
+            if current is None:
+                current = chain.start_next_round(session, done[-1])
+                progress.note(f"round {current} started from round {done[-1]}'s trained policy")
+    with ws.session() as session:
+        return [chain.round_summary(session, round_id) for round_id in done]
+
+
+def finish_round(
+    ws: Workspace,
+    round_id: int,
+    settings: LoopSettings,
+    progress: Progress,
+    train: Trainer = run_train,
+) -> None:
+    with ws.session() as session:
+        round_ = repo.get_round(session, round_id)
+    todo = steps_left(round_.status, round_.failed_step)
+    if todo:
+        progress.note(f"round {round_id}: {round_.status} -> {' -> '.join(todo)}")
+    for stage in todo:
+        check(progress, f"before round {round_id}'s {stage} stage")
+        _run_stage(ws, round_id, stage, settings, progress, train)
+        with ws.session() as session:
+            status = repo.get_round(session, round_id).status
+        if status != FINISHED_BY[stage]:
+            raise LoopStopped(
+                f"round {round_id}: {stage} stopped with the round at '{status}' "
+                "(see the messages above); run the loop again to resume"
+            )
+
+
+def _run_stage(
+    ws: Workspace,
+    round_id: int,
+    stage: Stage,
+    s: LoopSettings,
+    progress: Progress,
+    train: Trainer,
+) -> None:
+    if stage is Stage.GENERATE:
+        stats = run_generate(ws, round_id, s.generate, progress)
+        progress.note(f"round {round_id}: {stats.sampled} sampled, {stats.pairs_added} new pairs")
+    elif stage is Stage.JUDGE:
+        summary = run_judge(ws, round_id, s.judge, progress).summary
+        progress.note(
+            f"round {round_id}: {summary.labeled} labels ({summary.ties} ties), {summary.failed} failed judgments"
+        )
+    elif stage is Stage.EXPORT:
+        export = s.export.model_copy(update={"out": default_snapshot_dir(round_id, s.artifacts)})
+        result = run_export(ws, round_id, export, progress)
+        counts = result.manifest["counts"]
+        progress.note(
+            f"round {round_id}: snapshot {result.path} (train {counts['train']}, eval {counts['eval']})"
+        )
+    elif stage is Stage.TRAIN:
+        trained = s.train.model_copy(update={"output": default_run_dir(round_id, s.artifacts)})
+        summary_ = train(ws, round_id, trained, progress)
+        progress.note(
+            f"round {round_id}: trained {summary_['steps']} steps -> policy {summary_['policy_id']}"
+        )
+    else:
+        record = run_eval(ws, round_id, s.eval, progress).record
+        progress.note(f"round {round_id}: eval win {record.wins} / tie {record.ties} / loss {record.losses}")

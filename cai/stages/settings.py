@@ -1,0 +1,349 @@
+"""Every stage's settings, declared once: a pydantic model per stage whose fields carry their
+default, bounds, help text and command-line flag (`option`). The CLI generates its flags from
+them, jobs store and validate them as JSON, and the loop composes them, so an option and its
+default exist in one place. Light on purpose: nothing heavy is imported here (`cai --help`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cai.registry import EMBEDDED_MODEL
+from cai.train import TrainConfig
+
+if TYPE_CHECKING:
+    from cai.backends.base import SamplingParams
+    from cai.export import ExportFilters
+    from cai.judging import JudgeOptions
+
+
+def option(default: Any, *flags: str, help: str = "", envvar: str | None = None, **bounds: Any) -> Any:
+    """A settings field that also declares its command-line flag(s); `bounds` are pydantic's
+    (ge, le, gt, lt), which the CLI turns into the flag's min and max."""
+    extra: dict[str, Any] = {"flags": list(flags)}
+    if envvar:
+        extra["envvar"] = envvar
+    return Field(default, description=help, json_schema_extra=extra, **bounds)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validation_problems(exc: ValidationError, name: Callable[[str], str] = str) -> list[str]:
+    """One line per problem of a settings validation error, each naming the field it is about
+    (`name` turns a field into what the user typed: a flag, a JSON key). Messages mark field
+    names as `field`, and those are named the same way."""
+    problems = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        for field_name in re.findall(r"`(\w+)`", message):
+            message = message.replace(f"`{field_name}`", name(field_name))
+        location = [str(part) for part in error["loc"]]
+        if location:
+            problems.append(".".join([name(location[0]), *location[1:]]) + f": {message}")
+        else:
+            problems.append(message)
+    return problems
+
+
+JUDGE_MODES = ("pairwise", "score", "revise")
+SAMPLER_BACKENDS = ("hf", "openai", "vllm")
+
+
+class SamplingSettings(Settings):
+    """How a policy is sampled."""
+
+    backend: str = option(
+        "hf", "--backend", help="Policy sampling: hf (in-process transformers), openai or vllm."
+    )
+    base_url: str | None = option(None, "--base-url", help="Policy server for --backend openai.")
+    temperature: float = option(0.8, "--temperature", ge=0.0)
+    top_p: float = option(0.95, "--top-p", ge=0.0, le=1.0)
+    max_new_tokens: int = option(192, "--max-new-tokens", ge=1)
+    batch_size: int = option(16, "--batch-size", ge=1, help="Prompts sampled together.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in SAMPLER_BACKENDS:
+            raise ValueError(f"{value!r} is not one of {', '.join(SAMPLER_BACKENDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _server_for_openai(self) -> SamplingSettings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("the openai backend needs `base_url` (an OpenAI-compatible server)")
+        return self
+
+    def params(self) -> SamplingParams:
+        from cai.backends.base import SamplingParams
+
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens)
+
+
+class GenerateSettings(SamplingSettings):
+    """`cai generate`: N samples per train prompt, paired."""
+
+    samples: int = option(
+        2, "--samples", "-n", ge=2, help="Responses per prompt; all distinct pairs are formed."
+    )
+    limit: int | None = option(None, "--limit", ge=1, help="Only the first K prompts of the round.")
+
+
+class JudgeEndpoint(Settings):
+    """Who judges, and how requests are made. The judge's identity (`identity_params`) is made
+    from these in one place."""
+
+    judge_base_url: str | None = option(
+        None,
+        "--judge-base-url",
+        envvar="CAI_JUDGE_BASE_URL",
+        help="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama, OpenAI). Unset: the judge runs in-process.",
+    )
+    judge_model: str | None = option(
+        None,
+        "--judge-model",
+        envvar="CAI_JUDGE_MODEL",
+        help=f"Judge model name (in-process default: {EMBEDDED_MODEL}).",
+    )
+    concurrency: int = option(16, "--concurrency", ge=1, help="Judge requests in flight at once.")
+    timeout: float = option(60.0, "--timeout", ge=0.1, help="Seconds per judge request.")
+    max_attempts: int = option(
+        4, "--max-attempts", ge=1, help="Tries per item before it is recorded as failed."
+    )
+    max_tokens: int = option(384, "--max-tokens", ge=16, help="Judge reply length limit.")
+
+    @model_validator(mode="after")
+    def _model_for_server(self) -> JudgeEndpoint:
+        if self.judge_base_url and not self.judge_model:
+            raise ValueError("`judge_model` is required with `judge_base_url`")
+        return self
+
+    def resolved_model(self) -> str:
+        return self.judge_model or EMBEDDED_MODEL
+
+    def identity_params(self) -> dict[str, object]:
+        """The request parameters that are part of a judge's identity (with backend, model, mode
+        and template hash): change one and it is another judge."""
+        return {"max_tokens": self.max_tokens, "temperature": 0.0}
+
+    def judge_options(self, **more: Any) -> JudgeOptions:
+        from cai.judging import JudgeOptions
+
+        return JudgeOptions(
+            concurrency=self.concurrency, max_attempts=self.max_attempts, max_tokens=self.max_tokens, **more
+        )
+
+
+class JudgeScope(Settings):
+    """Which pairs the LLM judge is asked about."""
+
+    rules_first: bool = option(
+        False,
+        "--rules-first",
+        help="Do not ask the LLM judge about pairs the constitution's rule principles already separate "
+        "(the rules decide those anyway); saves calls, but their flip rate is then unmeasured.",
+    )
+    max_judge_pairs: int | None = option(
+        None,
+        "--max-judge-pairs",
+        ge=0,
+        help="Ask the LLM judge about at most N pairs (a seeded sample); the others get a label only "
+        "where the rule principles decide. For slow judges (the in-process one on a CPU).",
+    )
+
+
+class JudgeSettings(JudgeEndpoint, JudgeScope):
+    """`cai judge`: a round's pairs, in both orders, under sampled principles."""
+
+    mode: str = option(
+        "pairwise",
+        "--mode",
+        help="pairwise (both orders per pair), score (best vs worst by rubric score) or revise "
+        "(critique + revision, kept when both orders prefer the revision).",
+    )
+    retry_failed: bool = option(
+        False, "--retry-failed", help="Also retry items that failed to parse or were refused (4xx)."
+    )
+    budget: float | None = option(None, "--budget", ge=0.0, help="Stop cleanly once this many USD are spent.")
+    price_in: float | None = option(
+        None, "--price-in", envvar="CAI_JUDGE_PRICE_IN", help="USD per million prompt tokens (for cost)."
+    )
+    price_out: float | None = option(
+        None, "--price-out", envvar="CAI_JUDGE_PRICE_OUT", help="USD per million completion tokens."
+    )
+    min_calibration: float | None = option(
+        None,
+        "--min-calibration",
+        ge=0.0,
+        le=1.0,
+        help="Refuse a judge whose calibrated accuracy is below this.",
+    )
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        if value not in JUDGE_MODES:
+            raise ValueError(f"{value!r} is not one of {', '.join(JUDGE_MODES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _priced_budget(self) -> JudgeSettings:
+        if self.budget is not None and self.price_in is None and self.price_out is None:
+            raise ValueError("`budget` needs prices: `price_in`/`price_out` (USD per million tokens)")
+        return self
+
+    def options(self) -> JudgeOptions:
+        return self.judge_options(
+            budget_usd=self.budget,
+            price_in_per_mtok=self.price_in,
+            price_out_per_mtok=self.price_out,
+            retry_failed=self.retry_failed,
+            rules_first=self.rules_first,
+            max_judge_pairs=self.max_judge_pairs,
+        )
+
+
+class CalibrateSettings(JudgeEndpoint):
+    """`cai judge calibrate`: the judge on the gold pairs and the injection canaries."""
+
+    constitution: str = option(..., "--constitution", "-c", help="NAME@VERSION of a registered constitution.")
+    gold: Path | None = option(
+        None, "--gold", help="Gold pairs (JSONL: id, prompt, principle, better, worse)."
+    )
+    canaries: Path | None = option(
+        None, "--canaries", help="Injection canaries (JSONL: id, prompt, principle, clean, injected)."
+    )
+
+
+class EvalSettings(SamplingSettings, JudgeEndpoint, JudgeScope):
+    """`cai eval`: the trained policy against its parent on held-out prompts."""
+
+    samples: int = option(1, "--samples", "-n", ge=1, help="Answers per eval prompt and policy.")
+    limit: int | None = option(None, "--limit", ge=1, help="Only the first K eval prompts.")
+
+    def options(self) -> JudgeOptions:
+        return self.judge_options(rules_first=self.rules_first, max_judge_pairs=self.max_judge_pairs)
+
+
+class ExportSettings(Settings):
+    """`cai export`: a round's labels as a snapshot directory."""
+
+    out: Path | None = option(None, "--out", help="Snapshot directory (default: snapshots/round-ID).")
+    min_confidence: float | None = option(
+        None, "--min-confidence", ge=0.0, le=1.0, help="Drop judge labels less sure than this."
+    )
+    principle: str | None = option(None, "--principle", help="Only pairs judged under this principle id.")
+    eval_fraction: float = option(0.1, "--eval-fraction", ge=0.0, le=0.9, help="Share of prompts held out.")
+    seed: int = option(0, "--seed", help="Seed of the prompt-level train/eval split.")
+    overwrite: bool = option(False, "--overwrite", help="Replace a different snapshot already at --out.")
+
+    def filters(self) -> ExportFilters:
+        from cai.export import ExportFilters
+
+        return ExportFilters(self.min_confidence, self.principle, self.eval_fraction, self.seed)
+
+
+class TrainSettings(Settings):
+    """`cai train`: DPO on the round's snapshot. `dpo` is complete (a config file and the flags
+    are merged into it before a stage or job sees it)."""
+
+    snapshot: Path | None = option(
+        None, "--snapshot", help="Snapshot directory (default: the round's latest export)."
+    )
+    output: Path | None = option(
+        None, "--output", help="Checkpoints and final model (default: runs/round-ID)."
+    )
+    reference: str = option(
+        "start", "--reference", help="start: the round's policy; sft: the first policy of the lineage."
+    )
+    dpo: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("reference")
+    @classmethod
+    def _known_reference(cls, value: str) -> str:
+        if value not in ("start", "sft"):
+            raise ValueError(f"{value!r} is not 'start' or 'sft'")
+        return value
+
+
+TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
+    # TrainConfig field -> `cai train` flag(s). Unset flags leave the config file's value.
+    "max_steps": ("--max-steps",),
+    "num_train_epochs": ("--epochs",),
+    "learning_rate": ("--lr",),
+    "beta": ("--beta",),
+    "loss_type": ("--loss-type",),
+    "per_device_train_batch_size": ("--batch-size",),
+    "gradient_accumulation_steps": ("--grad-accum",),
+    "max_length": ("--max-length",),
+    "lora_r": ("--lora-r",),
+    "report_to_tensorboard": ("--tensorboard/--no-tensorboard",),
+}
+TRAIN_HELP = {
+    "max_steps": "Stop after N optimizer steps (overrides epochs).",
+    "loss_type": "Any loss type the installed TRL accepts; repeat to combine.",
+    "lora_r": "Train LoRA adapters of this rank (needs peft).",
+    "report_to_tensorboard": "Also log to TensorBoard.",
+}
+
+
+class LoopSettings(Settings):
+    """`cai loop` (and `cai demo`): every stage's settings for each round of the chain."""
+
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    artifacts: Path = option(Path("."), "--artifacts", help="Where snapshots/round-ID and runs/round-ID go.")
+
+    @classmethod
+    def compose(
+        cls,
+        generate: GenerateSettings,
+        judge: JudgeSettings,
+        *,
+        eval_samples: int = 1,
+        eval_limit: int | None = None,
+        export: ExportSettings | None = None,
+        train: TrainSettings | None = None,
+        artifacts: Path = Path("."),
+    ) -> LoopSettings:
+        """The eval samples and judges as the round does: its sampling and judge settings are
+        taken from `generate` and `judge`."""
+        shared = generate.model_dump(include=set(SamplingSettings.model_fields)) | judge.model_dump(
+            include=set(JudgeEndpoint.model_fields) | set(JudgeScope.model_fields)
+        )
+        return cls(
+            generate=generate,
+            judge=judge,
+            export=export or ExportSettings(),
+            train=train or TrainSettings(),
+            eval=EvalSettings(**shared, samples=eval_samples, limit=eval_limit),
+            artifacts=artifacts,
+        )
+
+
+class LoopJob(Settings):
+    """A loop job: the chain's length and where it starts, with the loop's settings."""
+
+    rounds: int = Field(ge=1)
+    loop: LoopSettings = Field(default_factory=LoopSettings)
+
+
+STAGE_SETTINGS: dict[str, type[Settings]] = {
+    "generate": GenerateSettings,
+    "judge": JudgeSettings,
+    "export": ExportSettings,
+    "train": TrainSettings,
+    "eval": EvalSettings,
+    "calibrate": CalibrateSettings,
+    "loop": LoopJob,
+}
+"""Job kind -> the settings class its JSON must validate against."""

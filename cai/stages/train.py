@@ -1,0 +1,189 @@
+"""The train stage: TRL's DPOTrainer on the round's snapshot; the result is registered as the next
+policy with its lineage. In-process, or (for a worker with several devices) as a multi-process
+`accelerate launch` of `cai train`, whose rank 0 records the run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cai.stages.progress import Progress, Silent, Stopped, check
+from cai.stages.settings import TrainSettings
+from cai.stages.status import Event, Stage, advance, failure_recorded
+from cai.store import repo, training
+from cai.workspace import Workspace
+
+
+def default_run_dir(round_id: int, artifacts: Path = Path(".")) -> Path:
+    return artifacts / "runs" / f"round-{round_id}"
+
+
+def run_train(
+    ws: Workspace, round_id: int, settings: TrainSettings, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Train and register the next policy; returns a summary of the run. Under a multi-process
+    launch every rank trains its share, and only rank 0 touches the store (and returns the
+    summary; the others return `{"worker_rank": True, ...}`). A killed or stopped run resumes
+    from its last checkpoint when run again."""
+    from cai.backends import policy_location
+    from cai.errors import BadInput
+    from cai.export import load_manifest, manifest_sha256
+    from cai.train import is_main_process
+
+    progress = progress or Silent()
+    config = settings.dpo
+    main_process = is_main_process()
+    with ws.session() as session:
+        round_ = repo.get_round(session, round_id)
+        policy = repo.get_policy(session, round_.policy)
+        snapshot_dir = settings.snapshot or Path(training.latest_snapshot(session, round_id).path)
+        load_manifest(snapshot_dir)  # complete and unaltered, or refused before any run is recorded
+        digest = manifest_sha256(snapshot_dir)
+        snapshot_row = training.snapshot_by_manifest(session, digest)
+        if snapshot_row is None:
+            raise BadInput(f"snapshot: {snapshot_dir} was not exported by this database (cai export)")
+        ref_row = training.root_policy(session, policy.id) if settings.reference == "sft" else None
+        reference_id = ref_row.id if ref_row else policy.id
+        output_dir = (settings.output or default_run_dir(round_id)).resolve()
+        settings_json = config.model_dump(mode="json") | {"reference": settings.reference}
+        if main_process:
+            run_id, resumed = training.start_or_resume_run(
+                session, round_id, snapshot_row.id, reference_id, settings_json, str(output_dir)
+            )
+            advance(session, round_id, Stage.TRAIN, Event.START)
+    policy_dir = Path(policy_location(policy.name, policy.model_ref, ws.cache_dir))
+    reference_dir = Path(policy_location(ref_row.name, ref_row.model_ref, ws.cache_dir)) if ref_row else None
+    if not main_process:
+        # Only after the transaction: on SQLite it holds the write lock (BEGIN IMMEDIATE), which
+        # rank 0 needs to record the run while this process waits for rank 0 inside training.
+        result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, None)
+        return {
+            "round": round_id,
+            "worker_rank": True,
+            "steps": result.steps,
+            "model_dir": str(result.model_dir),
+        }
+    progress.note(f"training run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
+    progress.task(f"round {round_id}: DPO")
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        with ws.session() as session:
+            training.record_step(session, run_id, step, metrics)
+        loss = metrics.get("loss")
+        progress.update(step, None, f"loss {loss:.4f}" if loss is not None else "")
+        check(progress, "between training steps (the last checkpoint resumes)")
+
+    with failure_recorded(ws, round_id, Stage.TRAIN):
+        try:
+            result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, on_log)
+        except BaseException:
+            with ws.session() as session:
+                training.fail_run(session, run_id)
+            raise
+        with ws.session() as session:
+            new_policy = training.finish_run(
+                session,
+                run_id,
+                result.metrics,
+                str(result.model_dir),
+                f"{policy.name}+dpo-r{round_id}-t{run_id}",
+                policy.id,
+                digest,
+                round_.constitution_id,
+                settings_json,
+            )
+            advance(session, round_id, Stage.TRAIN, Event.FINISH)
+            steps = training.training_steps(session, run_id)
+    return {
+        "training_run": run_id,
+        "policy_id": new_policy,
+        "model_dir": str(result.model_dir),
+        "steps": result.steps,
+        "resumed": result.resumed,
+        "metrics": result.metrics,
+        "last_step": steps[-1][1] if steps else {},
+        "config": settings_json,
+    }
+
+
+def _train(
+    snapshot_dir: Path,
+    policy_dir: Path,
+    output_dir: Path,
+    settings: TrainSettings,
+    reference_dir: Path | None,
+    on_log: Any,
+) -> Any:
+    from cai.train import train_dpo
+
+    # transformers' progress callback prints logs to stdout; keep stdout for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        return train_dpo(snapshot_dir, policy_dir, output_dir, settings.dpo, reference_dir, on_log)
+
+
+def run_train_launched(
+    ws: Workspace,
+    round_id: int,
+    settings: TrainSettings,
+    accelerate_config: Path,
+    progress: Progress | None = None,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
+    """The train stage as `accelerate launch --config_file CONFIG -m cai train ...` (the path
+    `accelerate/cpu-ddp.yaml` exercises): every process trains its share, rank 0 records the run
+    and prints its summary. Progress comes from the steps rank 0 stores; a stop request ends
+    the launch (the last checkpoint resumes)."""
+    progress = progress or Silent()
+    with tempfile.TemporaryDirectory(prefix="cai-train-") as tmp:
+        config_file = Path(tmp) / "dpo.json"
+        config_file.write_text(settings.dpo.model_dump_json(), encoding="utf-8")
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+            "-m", "cai", "--db", ws.settings.database_url, "train", "--round", str(round_id),
+            "--config", str(config_file), "--reference", settings.reference, "--json",
+        ]  # fmt: skip
+        if settings.snapshot:
+            command += ["--snapshot", str(settings.snapshot)]
+        if settings.output:
+            command += ["--output", str(settings.output)]
+        progress.note("launching: " + " ".join(command[2:]))
+        progress.task(f"round {round_id}: DPO ({accelerate_config.name})")
+        with tempfile.TemporaryFile() as stdout:
+            child = subprocess.Popen(command, stdout=stdout, start_new_session=True, env=os.environ.copy())
+            try:
+                while child.poll() is None:
+                    time.sleep(poll_s)
+                    _report_steps(ws, round_id, progress)
+                    if progress.stop_requested():
+                        os.killpg(child.pid, signal.SIGTERM)
+                        child.wait()
+                        raise Stopped(
+                            f"round {round_id}: training stopped on request (its checkpoint resumes)"
+                        )
+            except BaseException:
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                raise
+            stdout.seek(0)
+            printed = stdout.read().decode("utf-8", "replace")
+    if child.returncode != 0:
+        raise RuntimeError(
+            f"accelerate launch exited {child.returncode} (its messages are in the worker's stderr)"
+        )
+    return dict(json.loads(printed[printed.index("{") :]))
+
+
+def _report_steps(ws: Workspace, round_id: int, progress: Progress) -> None:
+    with ws.session() as session:
+        step = training.latest_step(session, round_id)
+    if step is not None:
+        progress.update(step, None)
