@@ -11,6 +11,7 @@ from cai.cli import (
     demo,
     evaluate,
     export,
+    jobs,
     labeling,
     loop,
     prompts,
@@ -42,6 +43,8 @@ app.command("demo")(demo.demo)
 app.add_typer(audit.app, name="audit")
 app.command("report")(report.report)
 app.command("web")(web.web)
+app.add_typer(jobs.app, name="jobs")
+app.command("worker")(jobs.worker)
 
 
 @app.callback()
@@ -57,8 +60,9 @@ def root(
     ),
 ) -> None:
     from cai.config import load_settings
+    from cai.workspace import Workspace
 
-    ctx.obj = load_settings(database_url=db_url)
+    ctx.obj = Workspace(load_settings(database_url=db_url))
 
 
 def main() -> None:
