@@ -142,3 +142,32 @@ def test_trl_dpo_cli_trains_on_a_snapshot_directory_as_is(
     done = run(trl_dpo, tmp_path)
     assert "eval_loss" in done.stdout + done.stderr  # the eval split was found and scored
     assert weights_moved(tiny_model_dir, out)  # trl dpo saved the trained model to --output_dir
+
+
+def test_a_train_job_goes_only_to_a_train_worker_which_runs_it_under_accelerate_launch(
+    cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    round_id = exported_round(cli, tiny_model_dir, tmp_path / "snap")
+    train_pairs = json.loads((tmp_path / "snap" / "manifest.json").read_text())["counts"]["train"]
+    out = tmp_path / "run"
+    train = ["train", "--round", round_id, "--max-steps", 2, "--batch-size", BATCH, "--lr", "1e-3"]
+    job_id = int(cli(*train, "--max-length", 128, "--output", out, "--submit").stdout)
+    worker = [sys.executable, "-m", "cai", "--db", cli.db_url, "worker", "--once", "--poll", "0.1"]
+    run(worker, tmp_path)  # the default kinds leave training to the machine meant for it
+    assert json.loads(cli("jobs", "show", job_id, "--json").stdout)["status"] == "queued"
+
+    config = REPO / "accelerate" / "cpu-ddp.yaml"
+    run([*worker, "--kinds", "train", "--accelerate-config", str(config)], tmp_path)
+    job = json.loads(cli("jobs", "show", job_id, "--json").stdout)
+    assert job["status"] == "succeeded", job
+    with session_scope(engine) as session:
+        runs = session.scalars(select(TrainingRunRow)).all()
+        steps = session.execute(select(TrainingStepRow.step, TrainingStepRow.metrics)).all()
+    assert [(r.id, r.status, r.output_policy_id) for r in runs] == [
+        (job["result"]["training_run"], "done", job["result"]["policy_id"])
+    ]
+    assert sorted(step for step, _ in steps) == [1, 2]
+    # Two processes trained (as in the accelerate test above): the epoch per step says so.
+    epoch_at = {step: metrics["epoch"] for step, metrics in steps}
+    assert epoch_at[1] == pytest.approx(1 / math.ceil(train_pairs / (BATCH * PROCESSES)), abs=1e-3)
+    assert weights_moved(tiny_model_dir, out / "final")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cai.errors import BadInput
 from cai.stages.progress import Progress, Silent, Stopped, check
 from cai.stages.settings import TrainSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
@@ -34,7 +35,6 @@ def run_train(
     summary; the others return `{"worker_rank": True, ...}`). A killed or stopped run resumes
     from its last checkpoint when run again."""
     from cai.backends import policy_location
-    from cai.errors import BadInput
     from cai.export import load_manifest, manifest_sha256
     from cai.train import is_main_process
 
@@ -146,7 +146,14 @@ def run_train_launched(
         config_file = Path(tmp) / "dpo.json"
         config_file.write_text(settings.dpo.model_dump_json(), encoding="utf-8")
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accelerate_config),
+        ]
+        command += _port_if_unset(accelerate_config)
+        command += [
             "-m", "cai", "--db", ws.settings.database_url, "train", "--round", str(round_id),
             "--config", str(config_file), "--reference", settings.reference, "--json",
         ]  # fmt: skip
@@ -180,6 +187,24 @@ def run_train_launched(
             f"accelerate launch exited {child.returncode} (its messages are in the worker's stderr)"
         )
     return dict(json.loads(printed[printed.index("{") :]))
+
+
+def _port_if_unset(accelerate_config: Path) -> list[str]:
+    """A free rendezvous port for a one-machine launch whose config names none: accelerate's
+    default (29500) may be taken by another launch on the same machine."""
+    import socket
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadInput(f"{accelerate_config}: cannot read the accelerate config: {exc}") from None
+    if config.get("main_process_port") or int(config.get("num_machines") or 1) > 1:
+        return []
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return ["--main_process_port", str(probe.getsockname()[1])]
 
 
 def _report_steps(ws: Workspace, round_id: int, progress: Progress) -> None:
