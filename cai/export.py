@@ -182,7 +182,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
             return  # the same snapshot, already there
         if any(out.iterdir()) and not overwrite:
             raise BadInput(
-                f"--out: {out} exists and holds something else; choose another --out or --overwrite"
+                f"{out} exists and holds something else; choose another directory, or overwrite it"
             )
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)

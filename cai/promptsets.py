@@ -57,7 +57,7 @@ def read_prompt_file(
     (default 'train'); `tags` are added to any per-row `tags`."""
     path = Path(path)
     if split is not None and split not in SPLITS:
-        raise BadInput(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+        raise BadInput(f"split: {split!r} is not one of {', '.join(SPLITS)}")
     rows = list(_read_rows(path))
     if not rows:
         raise BadInput(f"{path}: no rows")

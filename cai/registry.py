@@ -46,10 +46,10 @@ def resolve_model(name: str) -> ModelRef:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise BadInput(f"--policy: {path} is not a transformers model directory (no config.json)")
+            raise BadInput(f"policy: {path} is not a transformers model directory (no config.json)")
         return ModelRef(name, "local", str(path.resolve()))
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return ModelRef(name, "hub", name)
     raise BadInput(
-        f"--policy: {name!r} is neither {EMBEDDED_MODEL!r}, a local model directory, nor a hub id (org/name)"
+        f"policy: {name!r} is neither {EMBEDDED_MODEL!r}, a local model directory, nor a hub id (org/name)"
     )

@@ -75,7 +75,7 @@ def render_html(data: ReportData, plots: list[str]) -> str:
 def write_report(data: ReportData, out_dir: Path) -> list[Path]:
     """Write index.html and the plots into `out_dir`; returns the files written."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise BadInput(f"--out: {out_dir} exists and is not a directory")
+        raise BadInput(f"{out_dir} exists and is not a directory")
     plots = render_plots(data)
     page = render_html(data, list(plots))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,6 @@ def test_eval_refuses_a_round_without_a_trained_policy(cli: Cli, engine: Engine)
     round_id = int(cli("round", "start", "-c", "concise-safe@1", "--policy", "fake/policy").stdout)
     before = table_counts(engine)
     refused = cli("eval", "-r", round_id, expect=2)
-    assert "no trained policy" in refused.stderr and f"cai train --round {round_id}" in refused.stderr
+    assert f"round {round_id} has no trained policy yet: train it first" in refused.stderr
     assert table_counts(engine) == before
     assert "not found" in cli("eval", "-r", 99, expect=2).stderr

@@ -119,7 +119,7 @@ def test_missing_column_is_named(tmp_path: Path, suffix: str) -> None:
 def test_unsupported_type_bad_split_option_and_non_utf8(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match=r"unsupported file type '\.txt'"):
         read_prompt_file(tmp_path / "p.txt")
-    with pytest.raises(BadInput, match="--split: 'dev'"):
+    with pytest.raises(BadInput, match="split: 'dev'"):
         read_prompt_file(jsonl(tmp_path, [{"prompt": "a"}]), split="dev")
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')

@@ -25,7 +25,7 @@ def make_sampler(
     backends load from its stored location (the embedded model is converted from its GGUF)."""
     if backend == "openai":
         if not base_url:
-            raise BadInput("--backend openai needs --base-url (an OpenAI-compatible server)")
+            raise BadInput("the openai backend needs a base URL (an OpenAI-compatible server)")
         from cai.backends.openai_compat import OpenAISampler
 
         return OpenAISampler(base_url, policy_name, api_key=api_key, concurrency=batch_size)
@@ -39,7 +39,7 @@ def make_sampler(
         from cai.backends.vllm import VLLMSampler
 
         return VLLMSampler(model_ref if policy_name != EMBEDDED_MODEL else policy_name)
-    raise BadInput(f"--backend: {backend!r} is not one of {', '.join(SAMPLER_BACKENDS)}")
+    raise BadInput(f"backend: {backend!r} is not one of {', '.join(SAMPLER_BACKENDS)}")
 
 
 def policy_location(policy_name: str, model_ref: str, cache_dir: Path | None = None) -> Path | str:

@@ -13,7 +13,7 @@ class VLLMSampler:
         try:
             import vllm
         except ImportError:
-            raise BadInput("--backend vllm needs vLLM installed (pip install vllm) and a GPU") from None
+            raise BadInput("the vllm backend needs vLLM installed (pip install vllm) and a GPU") from None
         self.model = model
         self._vllm = vllm
         self._llm = vllm.LLM(model=model)

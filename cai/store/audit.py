@@ -360,7 +360,7 @@ def _audit_detail(row: AuditRow, verdict: str | None) -> AuditDetail:
 def add_override(session: Session, pair_id: int, verdict: str, author: str, note: str) -> AuditDetail:
     """A human label (the newest wins in export) and the audit row that explains it."""
     if verdict not in ("A", "B", "tie"):
-        raise BadInput(f"--prefer: expected A, B or tie, got {verdict!r}")
+        raise BadInput(f"prefer: expected A, B or tie, got {verdict!r}")
     pair = _get_pair(session, pair_id)
     _require_judge_label(session, pair_id)
     chosen, rejected = {

@@ -22,17 +22,17 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise BadInput(f"--db / CAI_DATABASE_URL: {url!r} is not a database URL") from None
+        raise BadInput(f"database URL {url!r} is not a database URL") from None
     if parsed.drivername == "postgresql":
         # psycopg 3 is what the `postgres` extra installs; the bare scheme would look for psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
         engine = create_engine(parsed, future=True)
     except NoSuchModuleError:
-        raise BadInput(f"--db: unsupported database URL scheme {parsed.drivername!r}") from None
+        raise BadInput(f"unsupported database URL scheme {parsed.drivername!r}") from None
     except ModuleNotFoundError as exc:
         raise BadInput(
-            f"--db: the driver for {parsed.drivername!r} is not installed ({exc.name}); "
+            f"the database driver for {parsed.drivername!r} is not installed ({exc.name}); "
             "for PostgreSQL: pip install 'cai[postgres]'"
         ) from None
     if parsed.get_backend_name() == "sqlite":
@@ -111,7 +111,7 @@ def ensure_schema(engine: Engine) -> None:
     if _has_foreign_tables(engine):
         raise BadInput(
             f"{engine.url.render_as_string()}: this database has tables but no cai schema version; "
-            "point --db at an empty database or a cai one"
+            "point the database URL at an empty database or a cai one"
         )
     upgrade(engine)
 

@@ -52,9 +52,7 @@ def contest(session: Session, round_id: int) -> Contest:
         .limit(1)
     )
     if trained is None:
-        raise BadInput(
-            f"--round: round {round_id} has no trained policy yet: run `cai train --round {round_id}`"
-        )
+        raise BadInput(f"round {round_id} has no trained policy yet: train it first (the train stage)")
 
     def contestant(policy_id: int) -> Contestant:
         row = session.get_one(PolicyRow, policy_id)
@@ -67,7 +65,7 @@ def eval_prompts(session: Session, round_id: int, limit: int | None = None) -> l
     """The held-out prompts: split 'eval', with the round's tag if it has one."""
     config = session.get_one(RoundRow, round_id).config
     if config.get("split", "train") == "eval":
-        raise BadInput(f"--round: round {round_id} trains on the eval split; it has no held-out prompts")
+        raise BadInput(f"round {round_id} trains on the eval split; it has no held-out prompts")
     query = select(PromptRow.id, PromptRow.messages).where(PromptRow.split == "eval")
     if config.get("tag"):
         query = query.where(

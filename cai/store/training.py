@@ -27,7 +27,7 @@ def latest_snapshot(session: Session, round_id: int) -> SnapshotRecord:
         select(SnapshotRow).where(SnapshotRow.round_id == round_id).order_by(SnapshotRow.id.desc()).limit(1)
     )
     if row is None:
-        raise NotFound(f"round {round_id} has no snapshot yet: run `cai export --round {round_id}` first")
+        raise NotFound(f"round {round_id} has no snapshot yet: export it first")
     return SnapshotRecord(row.id, row.path, row.manifest_sha256)
 
 
