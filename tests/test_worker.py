@@ -331,7 +331,8 @@ def test_a_failing_stage_fails_its_job_and_its_round_which_then_resumes(
             assert (round_row.status, round_row.failed_step) == ("failed", "judge")
             assert round_row.error is not None and "answered none" in round_row.error
         shown = json.loads(cli("round", "show", round_id, "--json").stdout)
-        assert shown["status"] == "failed"
+        assert (shown["status"], shown["failed_step"]) == ("failed", "judge")
+        assert "failed in judge: JudgeUnreachable" in cli("round", "show", round_id).stdout
         # A rerun against a judge that answers resumes the round at the failed stage.
         cli("judge", "-r", round_id, "--judge-base-url", server.base_url, "--judge-model", "fake-judge")
     with session_scope(engine) as session:

@@ -64,6 +64,7 @@ def show(
     from dataclasses import asdict
 
     from rich.box import SIMPLE
+    from rich.markup import escape
     from rich.table import Table
 
     from cai.store import repo
@@ -79,6 +80,12 @@ def show(
         f"constitution {round_.constitution}  policy {round_.policy}",
         highlight=False,
     )
+    if round_.status == "failed":
+        out.print(
+            f"[red]failed[/red] in {round_.failed_step or 'an earlier version'}: {escape(round_.error or '')}\n"
+            f"running that stage again resumes the round",
+            highlight=False,
+        )
     table = Table("count", "value", box=SIMPLE, show_header=False)
     for name, value in asdict(counts).items():
         table.add_row(name.replace("_", " "), str(value))
