@@ -62,3 +62,10 @@ def test_steps_left_resume_at_the_stage_a_status_belongs_to() -> None:
     assert steps_left("trained") == ["eval"]
     assert steps_left("failed", "train") == ["train", "eval"]
     assert steps_left("failed") == list(STEPS)
+
+
+def test_the_settings_know_every_judge_mode() -> None:
+    from cai.judge import MODES
+    from cai.stages.settings import JUDGE_MODES
+
+    assert JUDGE_MODES == MODES

@@ -4,19 +4,18 @@ and stored. Every step is stored as it finishes, so a rerun resumes."""
 
 from __future__ import annotations
 
-import asyncio
-
 from cai.backends.base import Sampler
+from cai.constitution import parse_ref
 from cai.evaluate import EvaluationResult, pair_up, policy_metrics, tally
 from cai.generate import sample_missing
-from cai.judge_round import Claimant, RoundJudgement, judge_evaluation
-from cai.stages.judge import JudgeUnreachable, open_judge, progress_runner
+from cai.judge_round import Claimant, judge_evaluation
+from cai.stages.judge import JudgeUnreachable, open_judge, progress_runner, with_judge
 from cai.stages.progress import Progress, Silent, Stopped
 from cai.stages.settings import EvalSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
 from cai.store import evaluation, judges, queue, repo
 from cai.store.samples import EVAL_KIND
-from cai.workspace import Judge, Workspace
+from cai.workspace import Workspace
 
 
 def run_eval(
@@ -29,7 +28,7 @@ def run_eval(
         round_ = repo.get_round(session, round_id)
         contest = evaluation.contest(session, round_id)
         prompts = evaluation.eval_prompts(session, round_id, settings.limit)
-        constitution = repo.get_constitution(session, *_ref(round_.constitution)).constitution
+        constitution = repo.get_constitution(session, *parse_ref(round_.constitution)).constitution
     judge = open_judge(ws, settings, progress)
     with ws.session() as session:
         advance(session, round_id, Stage.EVAL, Event.START)
@@ -59,7 +58,19 @@ def run_eval(
         with ws.session() as session:
             repo.lock_round(session, round_id)
             identical = pair_up(session, round_id, contest, prompts, settings.samples)
-        judged = _judge(ws, round_id, judge, settings, progress)
+        judged = with_judge(
+            judge,
+            lambda: judge_evaluation(
+                ws.engine,
+                round_id,
+                judge.spec,
+                judge.backend,
+                judge.templates,
+                settings.options(),
+                Claimant(ws.worker_id, progress.stop_requested),
+                progress_runner(progress, round_id),
+            ),
+        )
         if judged.stats.unreachable:
             raise JudgeUnreachable(
                 f"the judge answered none of {judged.stats.failed} eval requests; last error: {judged.stats.last_error}"
@@ -100,29 +111,3 @@ def run_eval(
             record = evaluation.latest_evaluation(session, round_id)
     assert record is not None
     return EvaluationResult(record, outcome, sampled, judged.planned)
-
-
-def _ref(constitution: str) -> tuple[str, int]:
-    name, version = constitution.split("@")
-    return name, int(version)
-
-
-def _judge(
-    ws: Workspace, round_id: int, judge: Judge, settings: EvalSettings, progress: Progress
-) -> RoundJudgement:
-    async def judge_and_close() -> RoundJudgement:
-        try:
-            return await judge_evaluation(
-                ws.engine,
-                round_id,
-                judge.spec,
-                judge.backend,
-                judge.templates,
-                settings.options(),
-                Claimant(ws.worker_id, progress.stop_requested),
-                progress_runner(progress, round_id),
-            )
-        finally:
-            await judge.backend.aclose()
-
-    return asyncio.run(judge_and_close())

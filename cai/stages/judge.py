@@ -5,12 +5,14 @@ round at once: each claims its own judgments."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cai.calibrate import CalibrationReport, default_canaries, default_gold, load_pairs
 from cai.calibrate import calibrate as run_calibration_pairs
 from cai.constitution import parse_ref
-from cai.judge_round import Claimant, JudgeSpec, RoundJudgement, Runner, require_calibration
+from cai.judge_round import Claimant, RoundJudgement, Runner, require_calibration
 from cai.judge_round import judge_round as judge_all_phases
 from cai.judging import JudgeRun, RunStats
 from cai.stages.progress import Progress, Silent, Stopped
@@ -19,6 +21,7 @@ from cai.stages.status import Event, Stage, advance, failure_recorded
 from cai.store import judges, repo
 from cai.workspace import Judge, Workspace
 
+T = TypeVar("T")
 PHASE_LABELS = {"sample": "judging pairs", "revision": "judging revisions", "eval": "judging eval pairs"}
 
 
@@ -48,6 +51,19 @@ def open_judge(ws: Workspace, settings: JudgeEndpoint, progress: Progress) -> Ju
     return judge
 
 
+def with_judge(judge: Judge, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` on one event loop (the backend's connection pool belongs to it), then close
+    the judge's backend."""
+
+    async def run_and_close() -> T:
+        try:
+            return await work()
+        finally:
+            await judge.backend.aclose()
+
+    return asyncio.run(run_and_close())
+
+
 def run_judge(
     ws: Workspace, round_id: int, settings: JudgeSettings, progress: Progress | None = None
 ) -> RoundJudgement:
@@ -63,7 +79,20 @@ def run_judge(
     with ws.session() as session:
         advance(session, round_id, Stage.JUDGE, Event.START)
     with failure_recorded(ws, round_id, Stage.JUDGE):
-        outcome = _judge(ws, round_id, judge, settings, progress)
+        outcome = with_judge(
+            judge,
+            lambda: judge_all_phases(
+                ws.engine,
+                round_id,
+                judge.spec,
+                judge.backend,
+                judge.templates,
+                settings.options(),
+                Claimant(ws.worker_id, progress.stop_requested),
+                settings.mode,
+                progress_runner(progress, round_id),
+            ),
+        )
         stats = outcome.stats
         if stats.unreachable:
             raise JudgeUnreachable(
@@ -76,28 +105,6 @@ def run_judge(
             with ws.session() as session:
                 advance(session, round_id, Stage.JUDGE, Event.FINISH)
     return outcome
-
-
-def _judge(
-    ws: Workspace, round_id: int, judge: Judge, settings: JudgeSettings, progress: Progress
-) -> RoundJudgement:
-    async def judge_and_close() -> RoundJudgement:
-        try:
-            return await judge_all_phases(
-                ws.engine,
-                round_id,
-                judge.spec,
-                judge.backend,
-                judge.templates,
-                settings.options(),
-                Claimant(ws.worker_id, progress.stop_requested),
-                settings.mode,
-                progress_runner(progress, round_id),
-            )
-        finally:
-            await judge.backend.aclose()
-
-    return asyncio.run(judge_and_close())
 
 
 @dataclass(frozen=True)
@@ -128,25 +135,19 @@ def run_calibrate(
         done += 1
         progress.update(done, total)
 
-    async def go() -> CalibrationReport:
-        try:
-            return await run_calibration_pairs(
-                judge.backend,
-                judge.templates,
-                stored.constitution,
-                gold,
-                canaries,
-                settings.judge_options(),
-                on_pair=on_pair,
-            )
-        finally:
-            await judge.backend.aclose()
-
-    report = asyncio.run(go())
+    report = with_judge(
+        judge,
+        lambda: run_calibration_pairs(
+            judge.backend,
+            judge.templates,
+            stored.constitution,
+            gold,
+            canaries,
+            settings.judge_options(),
+            on_pair=on_pair,
+        ),
+    )
     with ws.session() as session:
         judge_id = judges.ensure_judge(session, config)
         judges.save_calibration(session, judge_id, stored.record.id, report)
     return Calibration(config.model, stored.record.ref, report)
-
-
-__all__ = ["Calibration", "JudgeSpec", "JudgeUnreachable", "run_calibrate", "run_judge"]

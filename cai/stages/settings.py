@@ -6,12 +6,13 @@ default exist in one place. Light on purpose: nothing heavy is imported here (`c
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cai.backends import SAMPLER_BACKENDS
 from cai.registry import EMBEDDED_MODEL
 from cai.train import TrainConfig
 
@@ -51,8 +52,13 @@ def validation_problems(exc: ValidationError, name: Callable[[str], str] = str) 
     return problems
 
 
-JUDGE_MODES = ("pairwise", "score", "revise")
-SAMPLER_BACKENDS = ("hf", "openai", "vllm")
+def one_of(value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+JUDGE_MODES = ("pairwise", "score", "revise")  # cai.judge.MODES, without importing the templates
 
 
 class SamplingSettings(Settings):
@@ -70,9 +76,7 @@ class SamplingSettings(Settings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if value not in SAMPLER_BACKENDS:
-            raise ValueError(f"{value!r} is not one of {', '.join(SAMPLER_BACKENDS)}")
-        return value
+        return one_of(value, SAMPLER_BACKENDS)
 
     @model_validator(mode="after")
     def _server_for_openai(self) -> SamplingSettings:
@@ -188,9 +192,7 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, value: str) -> str:
-        if value not in JUDGE_MODES:
-            raise ValueError(f"{value!r} is not one of {', '.join(JUDGE_MODES)}")
-        return value
+        return one_of(value, JUDGE_MODES)
 
     @model_validator(mode="after")
     def _priced_budget(self) -> JudgeSettings:
@@ -267,9 +269,7 @@ class TrainSettings(Settings):
     @field_validator("reference")
     @classmethod
     def _known_reference(cls, value: str) -> str:
-        if value not in ("start", "sft"):
-            raise ValueError(f"{value!r} is not 'start' or 'sft'")
-        return value
+        return one_of(value, ("start", "sft"))
 
 
 TRAIN_FLAGS: dict[str, tuple[str, ...]] = {

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import random
 import socket
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cai.store.models import utcnow
@@ -17,6 +18,29 @@ from cai.store.models import utcnow
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**6):06x}"
+
+
+def claim_ids(session: Session, row: Any, worker: str, n: int, lease_s: float, *where: Any) -> list[int]:
+    """Lease up to n pending `row` items matching `where` that are unclaimed or whose lease ran
+    out, oldest first, to `worker`: one UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
+    LOCKED), so concurrent workers never take the same item."""
+    now = utcnow()
+    free = (
+        select(row.id)
+        .where(row.status == "pending", or_(row.claimed_until.is_(None), row.claimed_until < now), *where)
+        .order_by(row.id)
+        .limit(n)
+        .with_for_update(skip_locked=True)
+    )
+    return list(
+        session.scalars(
+            update(row)
+            .where(row.id.in_(free))
+            .values(claimed_by=worker, claimed_until=now + timedelta(seconds=lease_s))
+            .returning(row.id),
+            execution_options={"synchronize_session": False},
+        ).all()
+    )
 
 
 def release(session: Session, row: Any, worker: str) -> int:

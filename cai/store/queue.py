@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, or_, select, update
@@ -24,7 +23,6 @@ from cai.store.models import (
     PrincipleRow,
     PromptRow,
     ResponseRow,
-    utcnow,
 )
 from cai.store.samples import EVAL_KIND
 
@@ -233,26 +231,8 @@ def claim(
     evaluation: bool = False,
 ) -> list[WorkItem]:
     """Take up to n pending, unclaimed (or lease-expired) items of this round for `worker`."""
-    now = utcnow()
-    free = (
-        select(JudgmentRow.id)
-        .where(
-            JudgmentRow.judge_id == judge_id,
-            JudgmentRow.status == "pending",
-            in_round(round_id, evaluation),
-            or_(JudgmentRow.claimed_until.is_(None), JudgmentRow.claimed_until < now),
-        )
-        .order_by(JudgmentRow.id)
-        .limit(n)
-        .with_for_update(skip_locked=True)
-    )
-    claimed = session.scalars(
-        update(JudgmentRow)
-        .where(JudgmentRow.id.in_(free))
-        .values(claimed_by=worker, claimed_until=now + timedelta(seconds=lease_s))
-        .returning(JudgmentRow.id),
-        execution_options={"synchronize_session": False},
-    ).all()
+    where = (JudgmentRow.judge_id == judge_id, in_round(round_id, evaluation))
+    claimed = claims.claim_ids(session, JudgmentRow, worker, n, lease_s, *where)
     if not claimed:
         return []
     a, b, single = aliased(ResponseRow), aliased(ResponseRow), aliased(ResponseRow)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from cai.store import claims
 from cai.store.models import (
     GenerationItemRow,
     PairRow,
@@ -16,7 +16,6 @@ from cai.store.models import (
     PromptTagRow,
     ResponseRow,
     RoundRow,
-    utcnow,
 )
 
 
@@ -152,27 +151,10 @@ def pending_samples(session: Session, round_id: int, policy_id: int, origin: str
 def claim_samples(
     session: Session, round_id: int, policy_id: int, origin: str, worker: str, n: int, lease_s: float
 ) -> list[SampleItem]:
-    """Take up to n pending, unclaimed (or lease-expired) items for `worker`, in a stable order
-    (FOR UPDATE SKIP LOCKED: concurrent workers never take the same item)."""
-    now = utcnow()
-    free = (
-        select(GenerationItemRow.id)
-        .where(
-            _items(round_id, policy_id, origin),
-            GenerationItemRow.status == "pending",
-            or_(GenerationItemRow.claimed_until.is_(None), GenerationItemRow.claimed_until < now),
-        )
-        .order_by(GenerationItemRow.id)
-        .limit(n)
-        .with_for_update(skip_locked=True)
+    """Take up to n pending, unclaimed (or lease-expired) items for `worker`, in a stable order."""
+    claimed = claims.claim_ids(
+        session, GenerationItemRow, worker, n, lease_s, _items(round_id, policy_id, origin)
     )
-    claimed = session.scalars(
-        update(GenerationItemRow)
-        .where(GenerationItemRow.id.in_(free))
-        .values(claimed_by=worker, claimed_until=now + timedelta(seconds=lease_s))
-        .returning(GenerationItemRow.id),
-        execution_options={"synchronize_session": False},
-    ).all()
     if not claimed:
         return []
     rows = session.execute(
