@@ -42,9 +42,16 @@ class Judge:
 
 
 class Workspace:
-    def __init__(self, settings: Settings | None = None, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        worker_id: str | None = None,
+        database_source: str = "database URL",
+    ) -> None:
         self.settings = settings or load_settings()
         self._worker_id = worker_id
+        self.database_source = database_source
+        """Where the database URL came from, for error messages (the CLI: its flag)."""
 
     @property
     def worker_id(self) -> str:
@@ -60,7 +67,7 @@ class Workspace:
         """The store's engine, created and upgraded to the current schema once per process."""
         from cai.store.db import ensure_schema, make_engine
 
-        engine = make_engine(self.settings.database_url)
+        engine = make_engine(self.settings.database_url, self.database_source)
         ensure_schema(engine)
         return engine
 

@@ -21,7 +21,7 @@ from cai.cli import (
     train,
     web,
 )
-from cai.cli.app import new_app
+from cai.cli.app import DATABASE_SOURCE, new_app
 
 app = new_app(
     "Turn a written constitution into preference data and an aligned model (RLAIF with DPO).\n\n"
@@ -62,7 +62,7 @@ def root(
     from cai.config import load_settings
     from cai.workspace import Workspace
 
-    ctx.obj = Workspace(load_settings(database_url=db_url))
+    ctx.obj = Workspace(load_settings(database_url=db_url), database_source=DATABASE_SOURCE)
 
 
 def main() -> None:

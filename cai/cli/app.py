@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 out = Console()
 err = Console(stderr=True)
 
+DATABASE_SOURCE = "--db / CAI_DATABASE_URL"
+"""Where the CLI's database URL comes from, named in errors about it."""
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 
@@ -75,7 +78,7 @@ def workspace(ctx: typer.Context) -> Workspace:
     if root.obj is None:
         from cai.workspace import Workspace
 
-        root.obj = Workspace()
+        root.obj = Workspace(database_source=DATABASE_SOURCE)
     workspace_: Workspace = root.obj
     return workspace_
 

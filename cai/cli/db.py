@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cai.cli.app import JSON_OPTION, new_app, out, print_json, settings
+from cai.cli.app import DATABASE_SOURCE, JSON_OPTION, new_app, out, print_json, settings
 
 app = new_app("Create or upgrade the database schema (alembic migrations).")
 
@@ -15,7 +15,7 @@ def upgrade(ctx: typer.Context, revision: str = typer.Argument("head", help="Tar
     from cai.store.db import current_revision, make_engine
     from cai.store.db import upgrade as run_upgrade
 
-    store = make_engine(settings(ctx).database_url)
+    store = make_engine(settings(ctx).database_url, DATABASE_SOURCE)
     before = current_revision(store)
     run_upgrade(store, revision)
     after = current_revision(store)
@@ -31,7 +31,7 @@ def current(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Show the database's schema revision and the newest one this cai knows."""
     from cai.store.db import current_revision, head_revision, make_engine
 
-    store = make_engine(settings(ctx).database_url)
+    store = make_engine(settings(ctx).database_url, DATABASE_SOURCE)
     info = {
         "database": store.url.render_as_string(),
         "current": current_revision(store),

@@ -17,22 +17,23 @@ from cai.errors import BadInput
 from cai.resources import data_dir
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout."""
+def make_engine(url: str, where: str = "database URL") -> Engine:
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout. `where` names where
+    the URL came from in error messages (a flag, a setting)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise BadInput(f"database URL {url!r} is not a database URL") from None
+        raise BadInput(f"{where}: {url!r} is not a database URL") from None
     if parsed.drivername == "postgresql":
         # psycopg 3 is what the `postgres` extra installs; the bare scheme would look for psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
         engine = create_engine(parsed, future=True)
     except NoSuchModuleError:
-        raise BadInput(f"unsupported database URL scheme {parsed.drivername!r}") from None
+        raise BadInput(f"{where}: unsupported database URL scheme {parsed.drivername!r}") from None
     except ModuleNotFoundError as exc:
         raise BadInput(
-            f"the database driver for {parsed.drivername!r} is not installed ({exc.name}); "
+            f"{where}: the driver for {parsed.drivername!r} is not installed ({exc.name}); "
             "for PostgreSQL: pip install 'cai[postgres]'"
         ) from None
     if parsed.get_backend_name() == "sqlite":
