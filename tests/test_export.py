@@ -143,7 +143,10 @@ def test_existing_directory_is_not_clobbered(cli: Cli, labelled_round: int, tmp_
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     refused = export(cli, labelled_round, out, expect=2)
-    assert "choose another --out or --overwrite" in refused["stderr"]
+    assert (
+        f"{out} exists and holds something else; choose another directory, or overwrite it"
+        in refused["stderr"]
+    )
     assert (out / "notes.txt").read_text() == "mine"
     export(cli, labelled_round, out, "--overwrite")
     load_manifest(out)
