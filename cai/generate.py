@@ -78,7 +78,13 @@ def sample_missing(
             check(progress, "between sampling batches")
             with ws.session() as session:
                 batch = samples.claim_samples(
-                    session, round_id, policy_id, origin, ws.worker_id, batch_size, SAMPLE_LEASE_S
+                    session,
+                    round_id,
+                    policy_id,
+                    origin,
+                    ws.worker_id,
+                    batch_size,
+                    ws.claim_lease_s or SAMPLE_LEASE_S,
                 )
             if not batch:
                 break

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai.errors import BadInput
 from cai.jobs import JobProgress, run_job
@@ -23,6 +23,9 @@ from cai.store import claims, jobs, queue
 from cai.store.jobs import JobRecord
 from cai.store.models import GenerationItemRow, JudgmentRow
 from cai.workspace import Workspace
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 DEFAULT_KINDS = ("generate", "judge", "export", "eval", "calibrate")
 """What a worker takes unless told: everything but training (train and loop jobs need a machine
@@ -53,6 +56,9 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.helped: set[int] = set()
+        # Claims held as long as a job's heartbeat may lapse: renewed with every heartbeat, so a
+        # worker that dies anywhere (owner or helper) frees its items within stale_after_s.
+        self.ws.claim_lease_s = self.options.stale_after_s
 
     def run(self) -> int:
         """Work until told to stop (or, with `once`, after one job); returns the jobs finished."""
@@ -99,10 +105,19 @@ class Worker:
         status, error, result = "succeeded", None, None
         try:
             result = run_job(self.ws, job, progress, self.options.accelerate_config)
-            # Helpers may still hold items of a shared job: the owner ends it only after them
-            # (and runs the stage once more, which pairs or aggregates what they stored).
-            while self._helpers_busy(job) and not progress.stop_requested():
-                self.shutdown.wait(self.options.poll_s)
+            # Helpers may still hold items of a shared job: the owner ends it only after them, and
+            # then runs the stage once more, which takes up what a helper that died left (once
+            # its leases lapse) and pairs or aggregates what they stored.
+            waited = False
+            while not progress.stop_requested():
+                live, lapsed = self._helpers_claims(job)
+                if live:
+                    waited = True
+                    self.shutdown.wait(self.options.poll_s)
+                    continue
+                if not (lapsed or waited):
+                    break
+                waited = False
                 result = run_job(self.ws, job, progress, self.options.accelerate_config)
         except Stopped as exc:
             status = "cancelled" if progress.cancelled.is_set() else "released"
@@ -149,17 +164,16 @@ class Worker:
         with self.ws.session() as session:
             jobs.append_log(session, job.id, [f"{self.ws.worker_id} helped: {outcome}"])
 
-    def _helpers_busy(self, job: JobRecord) -> bool:
+    def _helpers_claims(self, job: JobRecord) -> tuple[int, int]:
+        """Items of a shared job that other workers claimed: (live leases, lapsed leases)."""
         if job.kind not in jobs.SHAREABLE_KINDS or job.round_id is None:
-            return False
+            return 0, 0
         with self.ws.session() as session:
             if job.kind == "generate":
-                row, where = GenerationItemRow, GenerationItemRow.round_id == job.round_id
-                return claims.held_by_others(session, row, self.ws.worker_id, where) > 0
-            return (
-                claims.held_by_others(session, JudgmentRow, self.ws.worker_id, queue.in_round(job.round_id))
-                > 0
-            )
+                where = GenerationItemRow.round_id == job.round_id
+                return claims.held_by_others(session, GenerationItemRow, self.ws.worker_id, where)
+            where = queue.in_round(job.round_id)
+            return claims.held_by_others(session, JudgmentRow, self.ws.worker_id, where)
 
     def _joinable(self) -> JobRecord | None:
         if not self.options.join or self.ws.engine.dialect.name != "postgresql":
@@ -211,6 +225,7 @@ class _Heartbeat:
             beat = jobs.heartbeat(session, self.job_id, self.ws.worker_id, state or None)
             if lines and beat.owned:
                 jobs.append_log(session, self.job_id, lines)
+            renew_claims(self.ws, session)
         if beat.cancel_requested:
             self.progress.cancelled.set()
         if not beat.owned:
@@ -223,10 +238,17 @@ class _CancelWatch(_Heartbeat):
     def beat(self) -> None:
         with self.ws.session() as session:
             job = jobs.get_job(session, self.job_id)
+            renew_claims(self.ws, session)
         if job.cancel_requested:
             self.progress.cancelled.set()
         if job.status != "running":
             self.progress.lost.set()
+
+
+def renew_claims(ws: Workspace, session: Session) -> None:
+    assert ws.claim_lease_s is not None
+    for row in (JudgmentRow, GenerationItemRow):
+        claims.renew(session, row, ws.worker_id, ws.claim_lease_s)
 
 
 def _jsonable(result: dict[str, Any] | None) -> dict[str, Any] | None:

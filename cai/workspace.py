@@ -4,6 +4,7 @@ under, and the factories for policy samplers and judge backends."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
     from cai.backends.base import ChatBackend, Sampler
     from cai.judge_round import JudgeSpec
+    from cai.judging import JudgeOptions
     from cai.stages.settings import JudgeEndpoint, SamplingSettings
     from cai.templates import TemplateSet
 
@@ -52,6 +54,10 @@ class Workspace:
         self._worker_id = worker_id
         self.database_source = database_source
         """Where the database URL came from, for error messages (the CLI: its flag)."""
+        self.claim_lease_s: float | None = None
+        """How long claimed items stay this worker's. None: the stages' own (long) leases. A
+        `cai worker` sets it short and renews its leases with every heartbeat, so the items of a
+        worker that died anywhere are free again within it."""
 
     @property
     def worker_id(self) -> str:
@@ -120,6 +126,12 @@ class Workspace:
         spec = JudgeSpec(kind, model, endpoint.judge_base_url, endpoint.identity_params())
         warning = EMBEDDED_JUDGE_WARNING if kind == "hf" and model == EMBEDDED_MODEL else None
         return Judge(backend, spec, self.templates, warning)
+
+    def leased(self, options: JudgeOptions) -> JudgeOptions:
+        """Judge options with this workspace's claim lease, when it has one."""
+        if self.claim_lease_s is None:
+            return options
+        return dataclasses.replace(options, lease_s=self.claim_lease_s)
 
     def close(self) -> None:
         if "engine" in self.__dict__:

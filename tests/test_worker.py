@@ -21,7 +21,7 @@ from sqlalchemy import Engine, func, select
 
 from cai.store import jobs
 from cai.store.db import make_engine, session_scope
-from cai.store.models import JobRow, JudgmentRow, LabelRow, PairRow, ResponseRow, RoundRow
+from cai.store.models import GenerationItemRow, JobRow, JudgmentRow, LabelRow, PairRow, ResponseRow, RoundRow
 from cai.workspace import Workspace
 from tests import fake_openai as fake
 from tests.conftest import REPO, TEST_DATABASE_URL, Cli, table_counts
@@ -245,6 +245,37 @@ def test_two_workers_share_one_generate_job_and_store_nothing_twice(
         status = session.get_one(RoundRow, round_id).status
     assert len(set(keys)) == prompts * 2 and status == "generated"
     assert count(engine, PairRow) > 0
+
+
+@on_postgres
+def test_a_helper_killed_mid_job_holds_its_items_only_until_its_lease_lapses(
+    db_url: str, cli: Cli, engine: Engine, processes: list[subprocess.Popen[str]]
+) -> None:
+    round_id = prepare(cli, "fake/policy")
+    prompts = 24
+    with fake.FakeOpenAI(deterministic(latency=0.3)) as server:
+        flags = ["generate", "-r", round_id, "--limit", prompts, "--batch-size", 2]
+        job_id = int(cli(*flags, "--backend", "openai", "--base-url", server.base_url, "--submit").stdout)
+        processes += [worker(db_url, "--kinds", "generate"), worker(db_url, "--kinds", "generate")]
+        owner = wait_for(lambda: job_row(engine, job_id).owner, "an owner")
+
+        def helper_holding_items() -> str | None:
+            with session_scope(engine) as session:
+                return session.scalar(
+                    select(GenerationItemRow.claimed_by).where(
+                        GenerationItemRow.claimed_by.is_not(None), GenerationItemRow.claimed_by != owner
+                    )
+                )
+
+        helper = wait_for(helper_holding_items, "the second worker to hold items")
+        victim = next(p for p in processes if p.pid == int(helper.split(":")[1]))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        # Its leases (--stale-after, 3 s here) lapse; the owner takes the items up and finishes.
+        wait_for(lambda: job_row(engine, job_id).status == "succeeded", "the job to finish", 60)
+    assert count(engine, ResponseRow) == prompts * 2
+    with session_scope(engine) as session:
+        assert session.get_one(RoundRow, round_id).status == "generated"
 
 
 def test_cancel_mid_generate_then_a_resubmitted_job_resumes(

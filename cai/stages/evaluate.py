@@ -66,7 +66,7 @@ def run_eval(
                 judge.spec,
                 judge.backend,
                 judge.templates,
-                settings.options(),
+                ws.leased(settings.options()),
                 Claimant(ws.worker_id, progress.stop_requested),
                 progress_runner(progress, round_id),
             ),

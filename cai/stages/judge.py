@@ -87,7 +87,7 @@ def run_judge(
                 judge.spec,
                 judge.backend,
                 judge.templates,
-                settings.options(),
+                ws.leased(settings.options()),
                 Claimant(ws.worker_id, progress.stop_requested),
                 settings.mode,
                 progress_runner(progress, round_id),

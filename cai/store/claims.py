@@ -43,6 +43,17 @@ def claim_ids(session: Session, row: Any, worker: str, n: int, lease_s: float, *
     )
 
 
+def renew(session: Session, row: Any, worker: str, lease_s: float) -> int:
+    """Extend the leases of `worker`'s unfinished `row` items: it is alive (a heartbeat)."""
+    result = session.execute(
+        update(row)
+        .where(row.claimed_by == worker, row.status == "pending")
+        .values(claimed_until=utcnow() + timedelta(seconds=lease_s)),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]
+
+
 def release(session: Session, row: Any, worker: str) -> int:
     """Give back `worker`'s unfinished `row` items (a clean stop, a job taken over from it)."""
     result = session.execute(
@@ -75,17 +86,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def held_by_others(session: Session, row: Any, worker: str, *where: Any) -> int:
-    """Unfinished `row` items (matching `where`) that other workers hold under a live lease."""
-    return (
-        session.scalar(
-            select(func.count()).where(
-                row.status == "pending",
-                row.claimed_by.is_not(None),
-                row.claimed_by != worker,
-                row.claimed_until > utcnow(),
-                *where,
-            )
+def held_by_others(session: Session, row: Any, worker: str, *where: Any) -> tuple[int, int]:
+    """Unfinished `row` items (matching `where`) that other workers claimed: (under a live
+    lease, under a lapsed one, which any worker may take up)."""
+    live = row.claimed_until > utcnow()
+    counts = session.execute(
+        select(func.count().filter(live), func.count().filter(~live)).where(
+            row.status == "pending", row.claimed_by.is_not(None), row.claimed_by != worker, *where
         )
-        or 0
-    )
+    ).one()
+    return int(counts[0]), int(counts[1])
