@@ -43,11 +43,8 @@ class Flags:
             if not flags:
                 continue
             if self.prefix:
-                flags = tuple(
-                    f"--{self.prefix}{f[2:]}" if f.startswith("--") else f
-                    for f in flags
-                    if f.startswith("--")
-                )
+                # Only the long flags, prefixed: a short one (-n) would clash with the command's own.
+                flags = tuple(f"--{self.prefix}{f[2:]}" for f in flags if f.startswith("--"))
             chosen.append((name, info, flags))
         return chosen
 
