@@ -131,6 +131,12 @@ def labels_of(engine: Engine, round_id: int) -> list[tuple[Any, ...]]:
     return sorted(tuple(row) for row in rows)
 
 
+def submit_generate(cli: Cli, server: fake.FakeOpenAI, round_id: int, prompts: int) -> int:
+    """Queue a generate job sampling from the loopback server two prompts a batch; its id."""
+    flags = ["generate", "-r", round_id, "--limit", prompts, "--batch-size", 2]
+    return int(cli(*flags, "--backend", "openai", "--base-url", server.base_url, "--submit").stdout)
+
+
 def loop_flags(server: fake.FakeOpenAI, artifacts: Path) -> list[object]:
     return [
         "loop",
@@ -216,22 +222,7 @@ def test_two_workers_share_one_generate_job_and_store_nothing_twice(
     round_id = prepare(cli, "fake/policy")
     prompts = 24
     with fake.FakeOpenAI(deterministic(latency=0.3)) as server:
-        job_id = int(
-            cli(
-                "generate",
-                "-r",
-                round_id,
-                "--limit",
-                prompts,
-                "--batch-size",
-                2,
-                "--backend",
-                "openai",
-                "--base-url",
-                server.base_url,
-                "--submit",
-            ).stdout
-        )
+        job_id = submit_generate(cli, server, round_id, prompts)
         processes += [worker(db_url, "--kinds", "generate"), worker(db_url, "--kinds", "generate")]
         wait_for(lambda: job_row(engine, job_id).status == "succeeded", "the generate job", 120)
     job = job_row(engine, job_id)
@@ -254,8 +245,7 @@ def test_a_helper_killed_mid_job_holds_its_items_only_until_its_lease_lapses(
     round_id = prepare(cli, "fake/policy")
     prompts = 24
     with fake.FakeOpenAI(deterministic(latency=0.3)) as server:
-        flags = ["generate", "-r", round_id, "--limit", prompts, "--batch-size", 2]
-        job_id = int(cli(*flags, "--backend", "openai", "--base-url", server.base_url, "--submit").stdout)
+        job_id = submit_generate(cli, server, round_id, prompts)
         processes += [worker(db_url, "--kinds", "generate"), worker(db_url, "--kinds", "generate")]
         owner = wait_for(lambda: job_row(engine, job_id).owner, "an owner")
 
@@ -284,9 +274,7 @@ def test_cancel_mid_generate_then_a_resubmitted_job_resumes(
     round_id = prepare(cli, "fake/policy")
     prompts = 16
     with fake.FakeOpenAI(deterministic(latency=0.2)) as server:
-        flags = ["generate", "-r", round_id, "--limit", prompts, "--batch-size", 2]
-        flags += ["--backend", "openai", "--base-url", server.base_url, "--submit"]
-        job_id = int(cli(*flags).stdout)
+        job_id = submit_generate(cli, server, round_id, prompts)
         processes.append(worker(db_url, "--kinds", "generate", "--no-join"))
         wait_for(lambda: count(engine, ResponseRow) >= 4, "some samples")
         assert "cancel requested" in cli("jobs", "cancel", job_id).stdout
@@ -295,7 +283,7 @@ def test_cancel_mid_generate_then_a_resubmitted_job_resumes(
         assert 4 <= stored < prompts * 2
         with session_scope(engine) as session:
             assert session.get_one(RoundRow, round_id).status == "generating"  # resumable
-        again = int(cli(*flags).stdout)
+        again = submit_generate(cli, server, round_id, prompts)
         wait_for(lambda: job_row(engine, again).status == "succeeded", "the resubmitted job", 120)
     job = job_row(engine, again)
     assert job.result is not None and job.result["already_stored"] == stored
@@ -311,8 +299,7 @@ def test_sigterm_hands_the_job_back_and_another_worker_finishes_it(
     round_id = prepare(cli, "fake/policy")
     prompts = 16
     with fake.FakeOpenAI(deterministic(latency=0.2)) as server:
-        flags = ["generate", "-r", round_id, "--limit", prompts, "--batch-size", 2]
-        job_id = int(cli(*flags, "--backend", "openai", "--base-url", server.base_url, "--submit").stdout)
+        job_id = submit_generate(cli, server, round_id, prompts)
         first = worker(db_url, "--kinds", "generate", "--no-join")
         processes.append(first)
         wait_for(lambda: count(engine, ResponseRow) >= 4, "some samples")
