@@ -220,8 +220,8 @@ def test_two_workers_share_one_generate_job_and_store_nothing_twice(
     db_url: str, cli: Cli, engine: Engine, processes: list[subprocess.Popen[str]]
 ) -> None:
     round_id = prepare(cli, "fake/policy")
-    prompts = 24
-    with fake.FakeOpenAI(deterministic(latency=0.3)) as server:
+    prompts = 32  # 16 batches of 0.5 s: time for the second worker to start and join
+    with fake.FakeOpenAI(deterministic(latency=0.5)) as server:
         job_id = submit_generate(cli, server, round_id, prompts)
         processes += [worker(db_url, "--kinds", "generate"), worker(db_url, "--kinds", "generate")]
         wait_for(lambda: job_row(engine, job_id).status == "succeeded", "the generate job", 120)
@@ -243,8 +243,8 @@ def test_a_helper_killed_mid_job_holds_its_items_only_until_its_lease_lapses(
     db_url: str, cli: Cli, engine: Engine, processes: list[subprocess.Popen[str]]
 ) -> None:
     round_id = prepare(cli, "fake/policy")
-    prompts = 24
-    with fake.FakeOpenAI(deterministic(latency=0.3)) as server:
+    prompts = 32
+    with fake.FakeOpenAI(deterministic(latency=0.5)) as server:
         job_id = submit_generate(cli, server, round_id, prompts)
         processes += [worker(db_url, "--kinds", "generate"), worker(db_url, "--kinds", "generate")]
         owner = wait_for(lambda: job_row(engine, job_id).owner, "an owner")
