@@ -110,6 +110,16 @@ def run_job(
     return {"rounds": [asdict(s) | {"flip_rate": s.flip_rate} for s in summaries]}
 
 
+def combine_results(kind: str, first: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """One result for a shared job's owner that ran its stage again after its helpers: what it
+    did in both runs (counts add up), and the round's state after the last (the judge summary)."""
+    if kind == "generate":
+        added = ("sampled", "pairs_added", "identical_skipped")
+        return first | {key: first[key] + again[key] for key in added}
+    run = {key: first["run"][key] + again["run"][key] for key in ("judged", "failed", "spent_usd", "wall_s")}
+    return again | {"planned": first["planned"] + again["planned"], "run": first["run"] | run}
+
+
 class JobProgress:
     """Stage progress for a job: kept in memory and written with the worker's heartbeats (so a
     fast stage costs no extra writes); notes go to the job's log tail. A stop is requested when

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.errors import BadInput
-from cai.jobs import JobProgress, run_job
+from cai.jobs import JobProgress, combine_results, run_job
 from cai.stages.progress import Stopped
 from cai.store import claims, jobs, queue
 from cai.store.jobs import JobRecord
@@ -118,7 +118,8 @@ class Worker:
                 if not (lapsed or waited):
                     break
                 waited = False
-                result = run_job(self.ws, job, progress, self.options.accelerate_config)
+                again = run_job(self.ws, job, progress, self.options.accelerate_config)
+                result = combine_results(job.kind, result, again)
         except Stopped as exc:
             status = "cancelled" if progress.cancelled.is_set() else "released"
             progress.note(str(exc))

@@ -407,3 +407,21 @@ def test_nothing_below_the_cli_imports_typer_or_rich() -> None:
             if re.match(r"\s*(from|import)\s+(typer|rich|click)\b", line):
                 offenders.append(f"{path.relative_to(REPO)}: {line.strip()}")
     assert offenders == []
+
+
+def test_an_owner_that_ran_its_stage_again_reports_both_runs() -> None:
+    from cai.jobs import combine_results
+
+    first = {"prompts": 8, "sampled": 5, "already_stored": 0, "pairs_added": 2, "identical_skipped": 1}
+    again = {"prompts": 8, "sampled": 3, "already_stored": 5, "pairs_added": 4, "identical_skipped": 0}
+    assert combine_results("generate", first, again) == {
+        "prompts": 8, "sampled": 8, "already_stored": 0, "pairs_added": 6, "identical_skipped": 1,
+    }  # fmt: skip
+    run = {"judged": 6, "failed": 1, "spent_usd": 0.5, "wall_s": 2.0, "stopped_by_budget": False}
+    judged = combine_results(
+        "judge",
+        {"summary": {"pending": 4}, "planned": 10, "run": run},
+        {"summary": {"pending": 0}, "planned": 0, "run": run | {"judged": 3, "failed": 0}},
+    )
+    assert judged["summary"] == {"pending": 0} and judged["planned"] == 10  # the round as it ends
+    assert (judged["run"]["judged"], judged["run"]["failed"], judged["run"]["wall_s"]) == (9, 1, 4.0)
