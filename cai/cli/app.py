@@ -16,7 +16,6 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
     from cai.config import Settings
@@ -85,11 +84,6 @@ def workspace(ctx: typer.Context) -> Workspace:
 
 def settings(ctx: typer.Context) -> Settings:
     return workspace(ctx).settings
-
-
-def engine(ctx: typer.Context) -> Engine:
-    """The store's engine, upgraded to the current schema on first use (once per process)."""
-    return workspace(ctx).engine
 
 
 @contextmanager
