@@ -9,7 +9,7 @@ from cai.constitution import parse_ref
 from cai.evaluate import EvaluationResult, pair_up, policy_metrics, tally
 from cai.generate import sample_missing
 from cai.judge_round import Claimant, judge_evaluation
-from cai.stages.judge import JudgeUnreachable, open_judge, progress_runner, with_judge
+from cai.stages.judge import check_reachable, open_judge, progress_runner, with_judge
 from cai.stages.progress import Progress, Silent, Stopped
 from cai.stages.settings import EvalSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
@@ -71,10 +71,7 @@ def run_eval(
                 progress_runner(progress, round_id),
             ),
         )
-        if judged.stats.unreachable:
-            raise JudgeUnreachable(
-                f"the judge answered none of {judged.stats.failed} eval requests; last error: {judged.stats.last_error}"
-            )
+        check_reachable(judged.stats, "eval requests")
         if judged.stats.stopped_on_request:
             raise Stopped(f"round {round_id}: eval judging stopped on request")
         with ws.session() as session:

@@ -29,6 +29,15 @@ class JudgeUnreachable(RuntimeError):
     """No judge request of a run succeeded: every one failed in transport."""
 
 
+def check_reachable(stats: RunStats, what: str = "requests") -> None:
+    """Raise JudgeUnreachable when no request of the run got an answer from the judge."""
+    if stats.unreachable:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items()))
+        raise JudgeUnreachable(
+            f"the judge answered none of {stats.failed} {what} ({errors}); last error: {stats.last_error}"
+        )
+
+
 def progress_runner(progress: Progress, round_id: int) -> Runner:
     """A judge_round runner that reports each phase to `progress`."""
 
@@ -94,11 +103,7 @@ def run_judge(
             ),
         )
         stats = outcome.stats
-        if stats.unreachable:
-            raise JudgeUnreachable(
-                f"the judge answered none of {stats.failed} requests "
-                f"({', '.join(f'{k} {v}' for k, v in sorted(stats.errors.items()))}); last error: {stats.last_error}"
-            )
+        check_reachable(stats)
         if stats.stopped_on_request:
             raise Stopped(f"round {round_id}: judging stopped on request; {outcome.summary.pending} pending")
         if outcome.summary.pending == 0 and not stats.stopped_by_budget:
