@@ -1,5 +1,5 @@
 """The job queue in the store: claims never hand one job to two workers, a dead worker's job is
-taken over, and only its owner may finish or release a job."""
+taken over, and only its owner may finish or release a job; item leases renew without deadlock."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from cai.errors import BadInput, NotFound
-from cai.store import jobs
+from cai.store import claims, jobs, samples
 from cai.store.db import ensure_schema, session_scope
-from cai.store.models import ConstitutionRow, JobRow, PolicyRow, RoundRow, utcnow
+from cai.store.models import (
+    ConstitutionRow,
+    GenerationItemRow,
+    JobRow,
+    PolicyRow,
+    PromptRow,
+    RoundRow,
+    utcnow,
+)
 
 
 @pytest.fixture
@@ -312,3 +320,50 @@ def test_joinable_job(store: Engine) -> None:
         assert jobs.joinable_job(session, everything, (), 60) is None  # its owner is gone
         assert jobs.get_job(session, judge.id).owner == "owner"
         assert jobs.get_job(session, train.id).status == "running"
+
+
+def _claimed_generation_items(engine: Engine, worker: str, n: int) -> list[int]:
+    with session_scope(engine) as session:
+        round_id = _round(session)
+        policy_id = session.get(RoundRow, round_id).policy_id  # type: ignore[union-attr]
+        prompt = PromptRow(sha256="a" * 64, messages=[{"role": "user", "content": "hi"}], split="train")
+        session.add(prompt)
+        session.flush()
+        samples.plan_samples(session, round_id, policy_id, [(prompt.id, i, i) for i in range(n)])
+        return claims.claim_ids(session, GenerationItemRow, worker, n, 60.0)
+
+
+def test_a_heartbeat_never_waits_on_rows_its_worker_is_recording(store: Engine) -> None:
+    """The heartbeat renews leases while the stage thread records results. On PostgreSQL a
+    heartbeat that waited on a row the recorder holds, while holding rows the recorder wants
+    next, deadlocked and failed the job; it now skips rows locked by another transaction."""
+    if store.dialect.name != "postgresql":
+        pytest.skip("row locks: SQLite has one writer at a time")
+    ids = _claimed_generation_items(store, "w1", 4)
+    with Session(store) as recorder, Session(store) as heartbeat:
+        # The recorder finishes the last item first, inside a transaction still open.
+        assert samples.complete_samples(recorder, "w1", [ids[-1]]) == {ids[-1]}
+        heartbeat.execute(text("SET LOCAL lock_timeout = '2s'"))
+        assert claims.renew(heartbeat, GenerationItemRow, "w1", 120.0) == len(ids) - 1
+        heartbeat.commit()
+        # And the recorder is not blocked by the heartbeat in turn.
+        recorder.execute(text("SET LOCAL lock_timeout = '2s'"))
+        assert samples.complete_samples(recorder, "w1", ids[:-1]) == set(ids[:-1])
+        recorder.commit()
+    with session_scope(store) as session:
+        pending = session.scalars(
+            select(GenerationItemRow).where(GenerationItemRow.status == "pending")
+        ).all()
+        assert pending == []
+
+
+def test_release_hands_back_only_the_workers_unfinished_items(store: Engine) -> None:
+    ids = _claimed_generation_items(store, "w1", 3)
+    with session_scope(store) as session:
+        samples.complete_samples(session, "w1", [ids[0]])
+        assert claims.release(session, GenerationItemRow, "w2") == 0
+        assert claims.release(session, GenerationItemRow, "w1") == 2
+    with session_scope(store) as session:
+        rows = {r.id: r for r in session.scalars(select(GenerationItemRow))}
+        assert rows[ids[0]].status == "done"
+        assert all(rows[i].claimed_by is None and rows[i].status == "pending" for i in ids[1:])

@@ -44,22 +44,36 @@ def claim_ids(session: Session, row: Any, worker: str, n: int, lease_s: float, *
 
 
 def renew(session: Session, row: Any, worker: str, lease_s: float) -> int:
-    """Extend the leases of `worker`'s unfinished `row` items: it is alive (a heartbeat)."""
-    result = session.execute(
-        update(row)
+    """Extend the leases of `worker`'s unfinished `row` items: it is alive (a heartbeat).
+
+    Rows another transaction has locked are skipped rather than waited for: they are being
+    recorded by this same worker's stage thread, and a heartbeat that waited on them while holding
+    locks the recorder wants next deadlocks with it on PostgreSQL. The next beat renews any that
+    stay pending."""
+    mine = (
+        select(row.id)
         .where(row.claimed_by == worker, row.status == "pending")
-        .values(claimed_until=utcnow() + timedelta(seconds=lease_s)),
+        .order_by(row.id)
+        .with_for_update(skip_locked=True)
+    )
+    result = session.execute(
+        update(row).where(row.id.in_(mine)).values(claimed_until=utcnow() + timedelta(seconds=lease_s)),
         execution_options={"synchronize_session": False},
     )
     return result.rowcount or 0  # type: ignore[attr-defined]
 
 
 def release(session: Session, row: Any, worker: str) -> int:
-    """Give back `worker`'s unfinished `row` items (a clean stop, a job taken over from it)."""
-    result = session.execute(
-        update(row)
+    """Give back `worker`'s unfinished `row` items (a clean stop, a job taken over from it).
+    Rows are locked in id order, the order every other multi-row writer uses."""
+    held = (
+        select(row.id)
         .where(row.claimed_by == worker, row.status == "pending")
-        .values(claimed_by=None, claimed_until=None),
+        .order_by(row.id)
+        .with_for_update()
+    )
+    result = session.execute(
+        update(row).where(row.id.in_(held)).values(claimed_by=None, claimed_until=None),
         execution_options={"synchronize_session": False},
     )
     return result.rowcount or 0  # type: ignore[attr-defined]

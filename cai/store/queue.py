@@ -306,7 +306,8 @@ def record(session: Session, worker: str, results: list[JudgmentResult]) -> None
         return
     table = cast(Table, JudgmentRow.__table__)
     rows = []
-    for r in results:
+    # In id order, so that two writers of overlapping rows lock them in the same order.
+    for r in sorted(results, key=lambda r: r.judgment_id):
         row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
         row.update(
             status=r.status,
