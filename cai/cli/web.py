@@ -21,12 +21,16 @@ def web(
 
     Pages: the rounds dashboard with the report's plots, a pair browser with the `cai audit list`
     filters, every pair with both responses and all rationales, judge stats per principle, and
-    constitution versions with diffs. Read-only unless CAI_WEB_TOKEN is set; then whoever logs
-    in with that token can record overrides and reviews (the next export uses overrides)."""
+    constitution versions with diffs. Read-only unless CAI_WEB_TOKEN is set (at least 16
+    characters); then whoever logs in with that token can record overrides and reviews (the next
+    export uses overrides). Failed logins are throttled per client address and server-wide."""
     import os
 
     from cai.errors import BadInput
+    from cai.web.security import check_token
 
+    token = os.environ.get("CAI_WEB_TOKEN") or None
+    check_token(token)  # before anything listens: a short token is exit 2, never a warning
     try:
         import uvicorn
 
@@ -35,9 +39,6 @@ def web(
         raise BadInput(
             f"cai web needs the `web` extra ({exc.name} is missing): pip install 'cai[web]'"
         ) from None
-    token = os.environ.get("CAI_WEB_TOKEN") or None
-    if token is not None and len(token) < 16:
-        err.print("[yellow]warning:[/yellow] CAI_WEB_TOKEN is short; anyone who guesses it can write labels")
     if host not in LOOPBACK:
         err.print(
             f"[yellow]warning:[/yellow] listening on {host}: the UI is reachable from other machines "
@@ -48,4 +49,7 @@ def web(
     mode = "overrides need a login with CAI_WEB_TOKEN" if token else "read-only (CAI_WEB_TOKEN is not set)"
     shown = f"[{host}]" if ":" in host else host
     err.print(f"cai web on http://{shown}:{port}/ — {mode}", highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # proxy_headers (uvicorn's default, spelled out): the client address the login throttle keys
+    # on and the URL scheme come from X-Forwarded-For/-Proto only when the peer is a proxy listed
+    # in FORWARDED_ALLOW_IPS (default: loopback); a remote client's own headers are ignored.
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=True)

@@ -3,7 +3,9 @@ a review that agrees with the judge (the same store functions as `cai audit over
 
 Every POST checks, in order: the server has a write token (else 403, read-only), the form's
 CSRF token matches this browser's session (else 403), the browser is logged in (else 403), and
-only then the fields (400, shown beside the form; nothing is written)."""
+only then the fields (400, shown beside the form; nothing is written). A login, after its CSRF
+check, must also get past the throttle of failed logins (429 with Retry-After) before the token
+is compared."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
 from cai.errors import BadInput, NotFound
-from cai.web.common import logged_in, render, set_session, transaction, web
+from cai.web.common import client, logged_in, render, set_session, transaction, web
 from cai.web.security import SESSION_COOKIE, new_session_id, safe_next
 
 router = APIRouter()
@@ -26,6 +28,14 @@ STALE_FORM = (
     "(an old tab, or cookies blocked). Reload the page and submit again."
 )
 NOT_LOGGED_IN = "Log in with the write token before recording overrides or reviews."
+WRONG_TOKEN = "That is not the write token this server was started with."
+THROTTLED = {
+    "client": "Too many failed logins from your address. Wait {wait} and try again; the token "
+    "was not checked this time.",
+    "server": "Too many failed logins to this server from all addresses (someone may be guessing "
+    "the token). Wait {wait} and try again; the token was not checked this time. "
+    "`cai audit override` still works on the server.",
+}
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -39,9 +49,18 @@ def login(request: Request, token: str = Form(""), csrf: str = Form(""), next: s
     if not guard.writable:
         raise HTTPException(403, READ_ONLY)
     _check_csrf(request, csrf)
+    # After the CSRF check: a forged cross-site POST must not use up the victim's attempts.
+    attempt = web(request).throttle.attempt(client(request))
+    if attempt.retry_after is not None:
+        wait = f"{attempt.retry_after} second{'s' if attempt.retry_after != 1 else ''}"
+        problems = [THROTTLED[attempt.scope].format(wait=wait)]
+        page = render(request, "login.html", 429, section="login", next=safe_next(next), problems=problems)
+        page.headers["Retry-After"] = str(attempt.retry_after)
+        return page
     if not guard.token_matches(token):
-        problems = ["That is not the write token this server was started with."]
+        problems = [WRONG_TOKEN]
         return render(request, "login.html", 403, section="login", next=safe_next(next), problems=problems)
+    web(request).throttle.succeeded(attempt)
     # A fresh session id on login: a session id known before logging in is worth nothing after.
     sid = new_session_id()
     response = RedirectResponse(safe_next(next), status_code=303)

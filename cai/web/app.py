@@ -14,7 +14,14 @@ from starlette.exceptions import HTTPException
 
 from cai.errors import BadInput, NotFound
 from cai.web.common import HERE, Web, render, set_session
-from cai.web.security import SESSION_COOKIE, Guard, new_session_id, valid_session_id
+from cai.web.security import (
+    SESSION_COOKIE,
+    Guard,
+    LoginThrottle,
+    check_token,
+    new_session_id,
+    valid_session_id,
+)
 
 SECURITY_HEADERS = {
     # No script at all: even if some text slipped through unescaped, the browser would not run it.
@@ -29,16 +36,19 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(database_url: str, token: str | None = None) -> FastAPI:
-    """The audit UI over the store at `database_url`. Without `token` it is read-only; with one,
-    a browser that logs in with it may record overrides and reviews."""
+def create_app(database_url: str, token: str | None = None, throttle: LoginThrottle | None = None) -> FastAPI:
+    """The audit UI over the store at `database_url`. Without `token` it is read-only; with one
+    (at least MIN_TOKEN_LENGTH characters, else BadInput), a browser that logs in with it may
+    record overrides and reviews. `throttle` limits failed logins (default: LoginThrottle())."""
     from cai.store.db import ensure_schema, make_engine
     from cai.web import actions, pages
 
+    token = token or None
+    check_token(token)
     engine = make_engine(database_url)
     ensure_schema(engine)
     app = FastAPI(title="cai", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.web = Web(engine, Guard(token or None))
+    app.state.web = Web(engine, Guard(token), throttle or LoginThrottle())
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
     app.include_router(actions.router)

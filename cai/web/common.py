@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from cai.web.security import AUTH_COOKIE, SESSION_COOKIE, Guard
+from cai.web.security import AUTH_COOKIE, SESSION_COOKIE, Guard, LoginThrottle, client_key
 
 if TYPE_CHECKING:
     from cai.store.reporting import ReportData
@@ -47,6 +47,7 @@ def template_env() -> Environment:
 class Web:
     engine: Engine
     guard: Guard
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
     env: Environment = field(default_factory=template_env)
     _plots: OrderedDict[str, dict[str, bytes]] = field(default_factory=OrderedDict)
     _plots_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,6 +91,28 @@ def session_id(request: Request) -> str:
     return sid
 
 
+def client(request: Request) -> str:
+    """The login throttle's bucket for this request's client.
+
+    The address is the TCP peer as the ASGI server reports it. The app never reads
+    X-Forwarded-For itself: any client can send that header and would pick its own bucket.
+    Behind a reverse proxy, uvicorn (as `cai web` runs it) already replaces the peer with the
+    forwarded address, but only for proxies listed in FORWARDED_ALLOW_IPS (default: loopback)."""
+    return client_key(request.client.host if request.client else None)
+
+
+def over_https(request: Request) -> bool:
+    """Whether the browser reached us over HTTPS, directly or through a TLS-terminating proxy.
+
+    X-Forwarded-Proto is believed from anyone, unlike X-Forwarded-For: all it can do is add the
+    Secure flag to the cookies sent back to the same client, which a forger can only use to break
+    its own session. Its first entry is the scheme the outermost proxy saw."""
+    if request.url.scheme == "https":
+        return True
+    forwarded = request.headers.get("x-forwarded-proto", "")
+    return forwarded.split(",")[0].strip().lower() == "https"
+
+
 def logged_in(request: Request) -> bool:
     return web(request).guard.logged_in(request.cookies.get(SESSION_COOKIE), request.cookies.get(AUTH_COOKIE))
 
@@ -120,7 +143,7 @@ def render(
 
 def set_session(request: Request, response: Response, sid: str, auth: str | None) -> None:
     """Replace the session cookie (and set or clear the login cookie) on `response`."""
-    secure = request.url.scheme == "https"
+    secure = over_https(request)
     request.state.session_id = sid
     request.state.session_set = True  # the middleware must not overwrite it
     response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", secure=secure, path="/")
