@@ -1,9 +1,14 @@
 """Constitutions: the pydantic schema, the YAML loader that reports `file:line: field: message`,
-the canonical hash, rule checks and weighted principle sampling."""
+the canonical hash, rule checks and weighted principle sampling.
+
+Constitution files and rule patterns may come from anyone, so loading them is bounded: files are
+capped in size, YAML aliases may not expand past a budget, and rule patterns run on RE2, whose
+matching time is linear in the text whatever the pattern."""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import random
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import re2
 import yaml
 from pydantic import (
     BaseModel,
@@ -27,6 +33,14 @@ from pydantic_core import ErrorDetails
 from cai.errors import BadInput
 
 SLUG = r"^[a-z0-9][a-z0-9_-]*$"
+
+MAX_CONSTITUTION_BYTES = 1024 * 1024
+"""Real constitutions are a few KB; a file near this size is a mistake or an attack, and parsing
+one costs seconds and hundreds of MB."""
+MAX_PRINCIPLES = 1000
+MAX_EXPANDED_YAML = 4 * MAX_CONSTITUTION_BYTES
+"""Budget for the document with its aliases resolved: one per node plus each scalar's length. A
+file without aliases stays under about twice its size, so only alias bombs reach it."""
 
 
 class _Strict(BaseModel):
@@ -50,6 +64,28 @@ class MinWords(_Strict):
         return len(text.split()) >= self.min
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str, ignore_case: bool) -> Any:
+    options = re2.Options()
+    options.case_sensitive = not ignore_case
+    options.log_errors = False  # RE2 would print parse errors to stderr; we report them ourselves
+    return re2.compile(pattern, options)
+
+
+def _pattern_problem(pattern: str, exc: Exception) -> str:
+    detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+    try:
+        re.compile(pattern)
+    except re.error:
+        return f"not a valid regular expression: {detail}"
+    hint = " (write \\Z as \\z)" if "\\Z" in detail else ""
+    return (
+        f"RE2 cannot run this pattern: {detail}{hint}. Rule patterns use RE2 syntax, which matches "
+        "in linear time: no backreferences, lookahead/lookbehind, atomic groups or possessive "
+        "quantifiers, and repetition counts up to 1000"
+    )
+
+
 class _Pattern(_Strict):
     pattern: str
     ignore_case: bool = False
@@ -57,15 +93,21 @@ class _Pattern(_Strict):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
+        # Validated with the engine that runs it: a Python-only pattern would pass here and then
+        # fail (or, with nested quantifiers, backtrack for hours) when a response is checked.
         try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
+            _compiled(value, False)
+        except re2.error as exc:
+            raise ValueError(_pattern_problem(value, exc)) from None
         return value
 
     def _search(self, text: str) -> bool:
-        flags = re.IGNORECASE if self.ignore_case else 0
-        return re.search(self.pattern, text, flags) is not None
+        regex = _compiled(self.pattern, self.ignore_case)
+        if regex.search(text) is not None:
+            return True
+        # Python's `$` also matches before a final newline, RE2's only at the very end; searching
+        # without that newline keeps patterns like `[.!?]$` meaning what their authors expect.
+        return text.endswith("\n") and regex.search(text[:-1]) is not None
 
 
 class MustMatch(_Pattern):
@@ -109,7 +151,7 @@ class Constitution(_Strict):
     name: Annotated[str, Field(pattern=SLUG, max_length=64)]
     version: PositiveInt
     description: Annotated[str, Field(min_length=1)]
-    principles: Annotated[list[Principle], Field(min_length=1)]
+    principles: Annotated[list[Principle], Field(min_length=1, max_length=MAX_PRINCIPLES)]
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Constitution:
@@ -178,12 +220,16 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 # --- loading with line numbers ---------------------------------------------------------------
 
 
-def read_utf8(path: Path) -> str:
-    """Read a text file, naming the line of the first byte that is not UTF-8."""
+def read_utf8(path: Path, max_bytes: int | None = None) -> str:
+    """Read a text file, naming the line of the first byte that is not UTF-8. With `max_bytes`,
+    a longer file is refused after reading at most one byte past the limit."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     except OSError as exc:
         raise BadInput(f"{path}: cannot read: {exc.strerror}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BadInput(f"{path}: larger than {max_bytes:,} bytes; refusing to read it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -193,22 +239,28 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
+def unstorable(text: str) -> str | None:
+    """Why `text` cannot be stored as text, or None. PostgreSQL refuses NUL characters (SQLite
+    keeps them, so the two would disagree), and JSON's or YAML's "\\ud800" escape decodes to a lone
+    surrogate that no UTF-8 encoder accepts."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate (U+{ord(text[exc.start]):04X}), which is not valid Unicode text"
+    return None
+
+
 def load_constitution(path: Path | str) -> LoadedConstitution:
     """Load and validate one constitution file; BadInput lists every problem found."""
     path = Path(path)
-    text = read_utf8(path)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{mark.line + 1}:" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise BadInput(f"{path}:{where} invalid YAML: {problem}") from None
+    text = read_utf8(path, max_bytes=MAX_CONSTITUTION_BYTES)
+    root, data = _parse_yaml(path, text)
     if not isinstance(data, dict) or root is None:
         raise BadInput(f"{path}:1: expected a mapping with name, version, description, principles")
 
-    problems = [f"{path}:{line}: {msg}" for line, msg in _duplicate_keys(root)]
+    problems = [f"{path}:{line}: {msg}" for line, msg in _node_problems(root)]
     problems += [f"{path}:{line}: {field}: {msg}" for line, field, msg in _duplicate_ids(data, root)]
     try:
         constitution = Constitution.model_validate(data)
@@ -218,7 +270,10 @@ def load_constitution(path: Path | str) -> LoadedConstitution:
             if not loc and "used more than once" in error["msg"]:
                 continue  # already reported with its line by _duplicate_ids
             line, field = _locate(root, data, loc)
-            problems.append(f"{path}:{line}: {field or '(top level)'}: {_message(error, loc)}")
+            message = _message(error, loc)
+            if loc[-1:] == ("pattern",) and (pid := _principle_id(data, loc)):
+                message = f"principle {pid!r}: {message}"  # patterns are hard to tell apart by index
+            problems.append(f"{path}:{line}: {field or '(top level)'}: {message}")
         constitution = None
     if constitution is not None:
         problems += [
@@ -227,6 +282,73 @@ def load_constitution(path: Path | str) -> LoadedConstitution:
     if problems or constitution is None:
         raise BadInput(f"{path}: {len(problems)} problem(s)", problems)
     return LoadedConstitution(constitution, text, path)
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[yaml.Node | None, Any]:
+    """Compose the node graph once, check its size, then construct Python values from it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_size(path, root)
+        return root, loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{mark.line + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise BadInput(f"{path}:{where} invalid YAML: {problem}") from None
+    except RecursionError:
+        raise BadInput(f"{path}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_size(path: Path, root: yaml.Node) -> None:
+    """Refuse, before anything is built from it, a document whose aliases expand it past
+    MAX_EXPANDED_YAML ("billion laughs": nine levels of ten aliases are 10**9 nodes in a few
+    hundred bytes), that contains itself, or that has too many principles.
+
+    An alias is the very node object it names, so each distinct node is sized once (memoised by
+    identity) and the walk is linear in the file, however large the expansion."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()  # the nodes being sized: meeting one again means a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative: a deep document must not exhaust Python's recursion limit
+        node, sized_children = stack.pop()
+        key = id(node)
+        if sized_children:
+            on_path.discard(key)
+            own = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
+            total = own + sum(size[id(child)] for child in _children(node))
+            if total > MAX_EXPANDED_YAML:
+                raise BadInput(
+                    f"{path}:{node.start_mark.line + 1}: YAML aliases here expand the document past "
+                    f"{MAX_EXPANDED_YAML:,} nodes and characters (an alias bomb?); write the content out"
+                )
+            size[key] = total
+        elif key in on_path:
+            raise BadInput(f"{path}:{node.start_mark.line + 1}: recursive YAML alias: a node contains itself")
+        elif key not in size:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    if isinstance(root, yaml.MappingNode):
+        for key_node, value_node in root.value:
+            count = len(value_node.value) if isinstance(value_node, yaml.SequenceNode) else 0
+            if key_node.value == "principles" and count > MAX_PRINCIPLES:
+                raise BadInput(
+                    f"{path}:{key_node.start_mark.line + 1}: principles: {count:,} principles; "
+                    f"a constitution may have at most {MAX_PRINCIPLES:,}"
+                )
 
 
 def validate_files(paths: list[Path]) -> list[str]:
@@ -251,6 +373,15 @@ def _message(error: ErrorDetails, loc: tuple[Any, ...]) -> str:
     elif error["type"] == "union_tag_invalid":
         msg = f"unknown rule check {error['input'].get('check')!r}; expected one of: {', '.join(RULE_CHECKS)}"
     return msg
+
+
+def _principle_id(data: dict[str, Any], loc: tuple[Any, ...]) -> str | None:
+    principles = data.get("principles")
+    if len(loc) < 2 or loc[0] != "principles" or not isinstance(principles, list):
+        return None
+    item = principles[loc[1]] if isinstance(loc[1], int) and loc[1] < len(principles) else None
+    pid = item.get("id") if isinstance(item, dict) else None
+    return pid if isinstance(pid, str) else None
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
@@ -286,20 +417,28 @@ def _locate(root: yaml.Node, data: Any, loc: tuple[Any, ...]) -> tuple[int, str]
     return line, "".join(parts)
 
 
-def _duplicate_keys(node: yaml.Node) -> list[tuple[int, str]]:
-    # PyYAML keeps the last of two equal keys silently; a constitution should never rely on that.
+def _node_problems(root: yaml.Node) -> list[tuple[int, str]]:
+    """Duplicate keys and text that cannot be stored, each reported once per node: an aliased
+    node is visited once, not once per alias (which made a small alias bomb hang this walk)."""
     found: list[tuple[int, str]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            if key.value in seen:
-                found.append((key.start_mark.line + 1, f"{key.value}: duplicate key"))
-            seen.add(key.value)
-            found += _duplicate_keys(value)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            found += _duplicate_keys(item)
-    return found
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            # PyYAML keeps the last of two equal keys silently; a constitution should never rely on that.
+            keys: set[str] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value in keys:
+                    found.append((key.start_mark.line + 1, f"{key.value}: duplicate key"))
+                keys.add(key.value if isinstance(key, yaml.ScalarNode) else str(id(key)))
+        elif isinstance(node, yaml.ScalarNode) and (why := unstorable(node.value)):
+            found.append((node.start_mark.line + 1, f"text {why}"))
+        stack.extend(reversed(_children(node)))
+    return sorted(found, key=lambda item: item[0])
 
 
 def _duplicate_ids(data: dict[str, Any], root: yaml.Node) -> list[tuple[int, str, str]]:

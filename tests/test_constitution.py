@@ -4,6 +4,8 @@ its file, line and field."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -130,9 +132,10 @@ def test_rule_principle_without_rule_and_bad_regex(tmp_path: Path) -> None:
     )
     problems = problems_of(write(tmp_path, text))
     assert any(":14: principles[2]: kind 'rule' needs a 'rule' mapping" in p for p in problems), problems
-    assert any(":20: principles[3].rule.pattern: not a valid regular expression" in p for p in problems), (
-        problems
-    )
+    assert any(
+        ":20: principles[3].rule.pattern: principle 'bad-regex': not a valid regular expression" in p
+        for p in problems
+    ), problems
 
 
 def test_unknown_principle_kind(tmp_path: Path) -> None:
@@ -244,3 +247,81 @@ def test_parse_ref(ref: str, expected: tuple[str, int | None]) -> None:
 def test_parse_ref_rejects(ref: str) -> None:
     with pytest.raises(BadInput):
         parse_ref(ref)
+
+
+def rule_passes(pattern: str, text: str, check: str = "must_match", ignore_case: bool = False) -> bool:
+    c = Constitution.model_validate(
+        {
+            "name": "r",
+            "version": 1,
+            "description": "d",
+            "principles": [
+                {
+                    "id": "p",
+                    "kind": "rule",
+                    "critique": "c",
+                    "rule": {"check": check, "pattern": pattern, "ignore_case": ignore_case},
+                }
+            ],
+        }
+    )
+    rule = c.principles[0].rule
+    assert rule is not None
+    return rule.passes(text)
+
+
+def test_rule_flags_keep_their_meaning_on_re2() -> None:
+    assert rule_passes("^sure", "SURE thing", ignore_case=True)
+    assert not rule_passes("^sure", "SURE thing")
+    assert rule_passes("élan", "ÉLAN", ignore_case=True)  # case folding beyond ASCII
+    assert rule_passes("(?i)^sure", "Sure")  # inline flags work too
+    assert rule_passes("(?m)^second$", "first\nsecond\nthird")
+    assert not rule_passes("^second$", "first\nsecond\nthird")
+    assert not rule_passes("https?://", "see http://x", check="must_not_match", ignore_case=True)
+    assert not rule_passes("HTTPS?://", "see http://x", check="must_not_match", ignore_case=True)
+    # As in Python, `$` also matches before one final newline, but not before other text.
+    assert rule_passes("[.!?]$", "Done.\n")
+    assert not rule_passes("[.!?]$", "Done.\nAnd then")
+    assert not rule_passes("[.!?]$", "Done.\n\n")
+
+
+def test_nested_quantifiers_run_in_linear_time() -> None:
+    # Python's re took 0.3 s on 7 words here and 7 times longer per further word; RE2 is linear.
+    # In a child process with a timeout, so that a regression fails instead of hanging the suite.
+    code = (
+        "from tests.test_constitution import rule_passes\n"
+        "words = ' '.join(['word'] * 5000)\n"
+        "print(rule_passes(r'^(\\w+\\s?)+[.!?]$', words), rule_passes(r'^(\\w+\\s?)+[.!?]$', words + '.'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]
+
+
+def test_patterns_re2_cannot_run_name_the_principle(tmp_path: Path) -> None:
+    text = (
+        VALID
+        + "  - id: polite\n    kind: rule\n    critique: y\n    rule: {check: must_not_match, pattern: '(?<!not )rude'}\n"
+    )
+    (problem,) = problems_of(write(tmp_path, text))
+    assert problem.startswith(
+        f"{tmp_path / 'tiny.yaml'}:17: principles[2].rule.pattern: principle 'polite': "
+        "RE2 cannot run this pattern: invalid perl operator: (?<!"
+    )
+    assert "lookahead/lookbehind" in problem
+
+
+def test_aliases_are_checked_once_not_once_per_use(tmp_path: Path) -> None:
+    # A duplicate key inside an aliased mapping is one problem, reported where it is written.
+    text = VALID.replace(
+        "description: A tiny constitution.",
+        "description: A tiny constitution.\nx: &m {a: 1, a: 2}\ny: [*m, *m, *m]",
+    )
+    duplicates = [p for p in problems_of(write(tmp_path, text)) if "duplicate" in p]
+    assert duplicates == [f"{tmp_path / 'tiny.yaml'}:4: a: duplicate key"]
+
+
+def test_deep_nesting_is_bad_input_not_a_crash(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "x: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert problems_of(path) == [f"{path}: invalid YAML: nested too deeply"]

@@ -125,3 +125,32 @@ def test_unsupported_type_bad_split_option_and_non_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
     with pytest.raises(BadInput, match=r"bad\.jsonl:2: not valid UTF-8"):
         read_prompt_file(path)
+
+
+def test_only_newline_ends_a_jsonl_row(tmp_path: Path) -> None:
+    # JSON strings may hold U+2028 and U+0085 raw, which str.splitlines() treats as line breaks.
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "one\u2028two\x85three"}\r\n{"prompt": ""}\n', newline="")
+    with pytest.raises(BadInput) as caught:
+        read_prompt_file(path)
+    assert caught.value.problems == [f"{path}:2: prompt: must be a non-empty string"]
+    path.write_text('{"prompt": "one\u2028two\x85three"}\r\n', newline="")
+    assert read_prompt_file(path)[0].text == "one\u2028two\x85three"
+
+
+def test_json_python_cannot_read_is_a_bad_row(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ok", "n": ' + "9" * 5000 + "}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(BadInput) as caught:
+        read_prompt_file(path)
+    first, second = caught.value.problems
+    assert first.startswith(f"{path}:1: invalid JSON: Exceeds the limit")
+    assert second == f"{path}:2: invalid JSON: nested too deeply"
+
+
+def test_csv_field_over_the_csv_limit_is_a_bad_row(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\nfine\n" + "x" * 200_000 + "\n")
+    with pytest.raises(BadInput) as caught:
+        read_prompt_file(path, max_chars=300_000)
+    assert caught.value.problems == [f"{path}:3: invalid CSV: field larger than field limit (131072)"]

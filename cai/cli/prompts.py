@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cai.cli.app import JSON_OPTION, err, new_app, out, print_json, transaction
+from cai.promptsets import MAX_PROMPT_CHARS
 
 app = new_app("Import prompt sets (JSONL, CSV, Parquet) and list stored prompts.")
 
@@ -23,16 +24,23 @@ def import_(
         None, "--split", help="train or eval for every row (default: the row's `split`, else train)."
     ),
     tags: list[str] = typer.Option([], "--tag", help="Tag every imported prompt (repeatable)."),
+    max_chars: int = typer.Option(
+        MAX_PROMPT_CHARS,
+        "--max-prompt-chars",
+        envvar="CAI_MAX_PROMPT_CHARS",
+        min=1,
+        help="Refuse a row whose turns add up to more characters than this.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Import prompts in one transaction: any malformed row aborts the import, naming the row.
-    Prompts are deduplicated by content hash, so re-importing a file adds nothing."""
+    """Import prompts in one transaction: any malformed row aborts the import, naming every bad
+    row. Prompts are deduplicated by content hash, so re-importing a file adds nothing."""
     from dataclasses import asdict
 
     from cai.promptsets import read_prompt_file
     from cai.store import repo
 
-    prompts = read_prompt_file(path, split=split, tags=tuple(tags))
+    prompts = read_prompt_file(path, split=split, tags=tuple(tags), max_chars=max_chars)
     with transaction(ctx) as session:
         report = repo.import_prompts(session, prompts, source=path.name)
     if as_json:
