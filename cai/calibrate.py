@@ -16,7 +16,7 @@ from cai.backends.base import ChatBackend
 from cai.constitution import Constitution, read_utf8
 from cai.errors import BadInput
 from cai.judge import ORDERS, Verdict, aggregate_pairwise, pairwise_request
-from cai.judging import JudgeOptions, judge_once, pairwise_parser
+from cai.judging import JudgeOptions, Outcome, RunStats, judge_once, pairwise_parser
 from cai.resources import data_dir
 from cai.templates import TemplateSet
 
@@ -89,6 +89,7 @@ async def _judge_pair(
     pair: GoldPair,
     better_is_a: bool,
     options: JudgeOptions,
+    stats: RunStats,
 ) -> tuple[Verdict | None, Verdict | None]:
     a, b = (pair.better, pair.worse) if better_is_a else (pair.worse, pair.better)
     conversation = [{"role": "user", "content": pair.prompt}]
@@ -96,9 +97,21 @@ async def _judge_pair(
     verdicts = []
     for order in ORDERS:
         _, request = pairwise_request(templates, constitution, principle, conversation, a, b, order)
-        parsed = (await judge_once(backend, request, pairwise_parser(order), options)).parsed
-        verdicts.append(parsed if isinstance(parsed, Verdict) else None)
+        outcome = await judge_once(backend, request, pairwise_parser(order), options)
+        verdict = outcome.parsed if isinstance(outcome.parsed, Verdict) else None
+        _count(stats, outcome, verdict is not None)
+        verdicts.append(verdict)
     return verdicts[0], verdicts[1]
+
+
+def _count(stats: RunStats, outcome: Outcome, judged: bool) -> None:
+    if judged:
+        stats.judged += 1
+        return
+    stats.failed += 1
+    kind = outcome.error_kind or "unknown"
+    stats.errors[kind] = stats.errors.get(kind, 0) + 1
+    stats.last_error = outcome.error
 
 
 async def calibrate(
@@ -109,13 +122,18 @@ async def calibrate(
     canaries: list[GoldPair],
     options: JudgeOptions,
     on_pair: Callable[[], None] | None = None,
+    stats: RunStats | None = None,
 ) -> CalibrationReport:
-    """Judge every gold and canary pair in both orders; `on_pair` is called as each finishes."""
+    """Judge every gold and canary pair in both orders; `on_pair` is called as each finishes.
+    `stats`, if given, counts the requests that got a verdict and those that failed, by kind."""
     semaphore = asyncio.Semaphore(options.concurrency)
+    requests = stats if stats is not None else RunStats()
 
     async def bounded(pair: GoldPair, better_is_a: bool) -> tuple[Verdict | None, Verdict | None]:
         async with semaphore:
-            verdicts = await _judge_pair(backend, templates, constitution, pair, better_is_a, options)
+            verdicts = await _judge_pair(
+                backend, templates, constitution, pair, better_is_a, options, requests
+            )
         if on_pair:
             on_pair()
         return verdicts

@@ -10,7 +10,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cai.backends.base import Sampler, SampleRequest, SamplingParams
+from cai.backends.base import Sample, Sampler, SampleRequest, SamplingIncomplete, SamplingParams
+from cai.labelling import same_answer
 from cai.stages.progress import Progress, check
 from cai.store import claims, repo, samples
 from cai.store.models import GenerationItemRow
@@ -28,12 +29,23 @@ def sample_seed(round_seed: int, prompt_id: int, index: int) -> int:
 
 
 def pairs_for(samples: list[tuple[int, str]]) -> list[tuple[int, int]]:
-    """All pairs of (response id, text) whose texts differ: identical answers teach nothing."""
-    return [
-        (a_id, b_id)
-        for (a_id, a_text), (b_id, b_text) in itertools.combinations(samples, 2)
-        if " ".join(a_text.split()) != " ".join(b_text.split())
-    ]
+    """One pair per two distinct texts among (response id, text) samples, each text represented
+    by its first response. Identical answers teach nothing, and a text sampled twice must not
+    put the same comparison in front of the judge (and into the snapshot) twice."""
+    first_of_text: dict[str, int] = {}
+    for response_id, text in samples:
+        first_of_text.setdefault(same_answer(text), response_id)
+    return list(itertools.combinations(first_of_text.values(), 2))
+
+
+class GenerationIncomplete(RuntimeError):
+    """Some samples still failed after their retries. What was sampled is stored and the failed
+    items stay pending, so a rerun samples exactly those."""
+
+    def __init__(self, message: str, sampled: int, already: int) -> None:
+        super().__init__(message)
+        self.sampled = sampled
+        self.already = already
 
 
 @dataclass
@@ -61,7 +73,9 @@ def sample_missing(
     """Sample the (prompt, index) responses of `policy_id` not stored yet, a claimed batch at a
     time, and return (sampled by this worker, already stored). `make_sampler` is called only
     when there is something to sample (loading a model takes a while). Stops at a batch boundary
-    when `progress` asks (the unfinished claims are given back)."""
+    when `progress` asks (the unfinished claims are given back). Samples that fail after the
+    sampler's retries do not stop the others; they are left pending and GenerationIncomplete is
+    raised at the end (at once, if a whole batch failed: the server is down or refuses)."""
     todo = [(p.id, i, sample_seed(seed, p.id, i)) for p in prompts for i in range(count)]
     with ws.session() as session:
         repo.lock_round(session, round_id)  # workers sharing the round plan one at a time
@@ -72,11 +86,15 @@ def sample_missing(
     already = sum((prompt_id, index) in stored for prompt_id, index, _ in todo)
     progress.update(0, pending)
     sampler: Sampler | None = None
-    sampled = 0
+    sampled = failed = left = 0
+    incomplete: SamplingIncomplete | None = None
+    gave_up = False
     try:
         while True:
             check(progress, "between sampling batches")
             with ws.session() as session:
+                # Failed items stay claimed by this worker until the run ends (finally), so they
+                # are not claimed again and again within one run.
                 batch = samples.claim_samples(
                     session,
                     round_id,
@@ -90,11 +108,16 @@ def sample_missing(
                 break
             sampler = sampler or make_sampler()
             requests = [SampleRequest(item.messages, item.seed) for item in batch]
-            results = sampler.sample(requests, params)
+            results: list[Sample | None]
+            try:
+                results = list(sampler.sample(requests, params))
+            except SamplingIncomplete as exc:
+                results, incomplete = exc.samples, exc
+            drawn = [(i, r, s) for i, r, s in zip(batch, requests, results, strict=True) if s is not None]
             meta = {**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model}
             with ws.session() as session:
-                mine = samples.complete_samples(session, ws.worker_id, [item.id for item in batch])
-                for item, request, result in zip(batch, requests, results, strict=True):
+                mine = samples.complete_samples(session, ws.worker_id, [item.id for item, _, _ in drawn])
+                for item, request, result in drawn:
                     if item.id not in mine:
                         continue  # its lease ran out and another worker took it: no duplicate
                     samples.add_response(
@@ -113,8 +136,21 @@ def sample_missing(
                     )
                 left = samples.pending_samples(session, round_id, policy_id, origin)
             sampled += len(mine)
-            progress.update(max(0, pending - left), pending)
+            failed += len(batch) - len(drawn)
+            progress.update(max(0, pending - left), pending, f"{failed} failed" if failed else "")
+            if not drawn:
+                gave_up = True  # nothing of a whole batch came back: the next would fare no better
+                break
     finally:
         with ws.session() as session:
             claims.release(session, GenerationItemRow, ws.worker_id)
+    if failed:
+        raise GenerationIncomplete(
+            f"round {round_id}: {failed} samples failed"
+            f"{' (stopped: every sample of a batch failed)' if gave_up else ''}; "
+            f"{sampled} sampled by this run are stored, "
+            f"{left} are left to sample: rerun to resume. Last failed batch: {incomplete}",
+            sampled,
+            already,
+        )
     return sampled, already

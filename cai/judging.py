@@ -1,11 +1,11 @@
 """Runs a judge over a round: claim pending items, call the backend with bounded concurrency and
-retries, write results in small batches, then aggregate labels. A killed run loses only its
-in-flight requests; the next run (or another worker) picks up everything else."""
+retries, write results as they arrive (batching whatever arrives during a write), then aggregate
+labels. A killed run loses only its in-flight requests, at most `concurrency` of them; the next run
+(or another worker) picks up everything else."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +13,15 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from cai.backends.base import ChatBackend, ChatRequest, ChatResult, PermanentError, TransientError
+from cai.backends.base import (
+    ChatBackend,
+    ChatRequest,
+    ChatResult,
+    PermanentError,
+    TransientError,
+    backoff_delay,
+    retry_transient,
+)
 from cai.constitution import Constitution
 from cai.judge import (
     Parsed,
@@ -43,7 +51,8 @@ class JudgeOptions:
     price_out_per_mtok: float | None = None
     retry_failed: bool = False
     """Also retry items that failed to parse or were refused (transient failures always are)."""
-    flush_every_s: float = 0.25
+    wake_every_s: float = 0.25
+    """How often the run looks at stop requests while every request is still out."""
     max_tokens: int = 384
     rules_first: bool = False
     """Skip the LLM judge on pairs the rule principles already separate (see plan_judgments)."""
@@ -59,10 +68,7 @@ class JudgeOptions:
         ) / 1e6
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.backoff_cap * 4)  # honour the server, within reason
-        delay = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
-        return delay * (0.5 + random.random() / 2)  # jitter: many workers must not retry in step
+        return backoff_delay(attempt, retry_after, self.backoff_base, self.backoff_cap)
 
 
 Parser = Callable[[ChatResult], Parsed]
@@ -86,35 +92,39 @@ class Outcome:
     completion_tokens: int = 0
 
 
+class _Unparsed(TransientError):
+    """A reply that did not parse: it uses up an attempt and is asked again at once."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=0.0)
+
+
 async def judge_once(
     backend: ChatBackend, request: ChatRequest, parse: Parser, options: JudgeOptions
 ) -> Outcome:
     """Ask until the reply parses or the attempts run out; never raises for a bad reply."""
     outcome = Outcome(parsed=None, attempts=0)
-    while outcome.attempts < options.max_attempts:
+
+    async def attempt() -> Parsed:
         outcome.attempts += 1
         started = time.perf_counter()
-        try:
-            result = await backend.complete(request)
-        except PermanentError as exc:
-            outcome.error, outcome.error_kind = str(exc), "permanent"
-            return outcome
-        except TransientError as exc:
-            outcome.error, outcome.error_kind = str(exc), "transient"
-            if outcome.attempts < options.max_attempts:
-                await asyncio.sleep(options.backoff(outcome.attempts, exc.retry_after))
-            continue
+        result = await backend.complete(request)
         outcome.latency_ms = (time.perf_counter() - started) * 1000
         outcome.prompt_tokens += result.prompt_tokens or 0
         outcome.completion_tokens += result.completion_tokens or 0
         outcome.raw_output = result.text
         try:
-            outcome.parsed = parse(result)
+            return parse(result)
         except ParseError as exc:
-            outcome.error, outcome.error_kind = str(exc), "parse"
-            continue
-        outcome.error = outcome.error_kind = None
-        return outcome
+            raise _Unparsed(str(exc)) from None
+
+    try:
+        outcome.parsed = await retry_transient(attempt, options.max_attempts, options.backoff)
+    except PermanentError as exc:
+        outcome.error, outcome.error_kind = str(exc), "permanent"
+    except TransientError as exc:
+        outcome.error = str(exc)
+        outcome.error_kind = "parse" if isinstance(exc, _Unparsed) else "transient"
     return outcome
 
 
@@ -168,8 +178,8 @@ class JudgeRun:
         in_flight: set[asyncio.Future[Any]] = set()
         claiming: asyncio.Future[Any] | None = None
         flushing: asyncio.Future[Any] | None = None
+        writing = 0  # results in the write under way
         exhausted = stopping = False
-        last_flush = time.perf_counter()
         try:
             while True:
                 if claiming is None and not (exhausted or stopping) and len(buffer) < options.concurrency:
@@ -180,13 +190,19 @@ class JudgeRun:
                     claimed = claiming.result()
                     claiming, exhausted = None, not claimed
                     buffer += claimed
-                while buffer and not stopping and len(in_flight) < options.concurrency:
+                # A slot frees when its result is written, not when it arrives: a killed run
+                # then loses at most `concurrency` answered-or-asked requests.
+                while (
+                    buffer
+                    and not stopping
+                    and len(in_flight) + len(self._results) + writing < options.concurrency
+                ):
                     in_flight.add(asyncio.ensure_future(self._judge(buffer.pop(0))))
                 if not in_flight and claiming is None and (not buffer or stopping):
                     break
-                waiting = set(in_flight) | ({claiming} if claiming is not None else set())
+                waiting = set(in_flight) | {f for f in (claiming, flushing) if f is not None}
                 done, _ = await asyncio.wait(
-                    waiting, timeout=options.flush_every_s, return_when=asyncio.FIRST_COMPLETED
+                    waiting, timeout=options.wake_every_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done & in_flight:
                     in_flight.discard(task)
@@ -197,12 +213,14 @@ class JudgeRun:
                     stopping = self.stats.stopped_on_request = True
                 if flushing is not None and flushing.done():
                     flushing.result()  # surface a failed write
-                    flushing = None
-                due = len(self._results) >= 64 or time.perf_counter() - last_flush >= options.flush_every_s
-                if flushing is None and self._results and due:
+                    flushing, writing = None, 0
+                # Write as soon as results are in; what arrives during a write is the next batch.
+                if flushing is None and self._results:
                     batch, self._results = self._results, []
-                    flushing = asyncio.ensure_future(asyncio.to_thread(self._write, batch))
-                    last_flush = time.perf_counter()
+                    flushing, writing = (
+                        asyncio.ensure_future(asyncio.to_thread(self._write, batch)),
+                        len(batch),
+                    )
         finally:
             for task in in_flight:
                 task.cancel()

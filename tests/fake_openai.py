@@ -21,8 +21,25 @@ import openai
 Responder = Callable[[dict[str, Any]], str]
 
 FaultKind = Literal[
-    "status", "sleep", "drop", "garbage", "truncated", "bad_verdict", "empty_choices", "invalid_body"
+    "status",
+    "sleep",
+    "drop",
+    "garbage",
+    "truncated",
+    "bad_verdict",
+    "empty_choices",
+    "invalid_body",
+    "html",
+    "json_body",
+    "ok",
 ]
+
+PROXY_PAGE = (
+    "<!DOCTYPE html>\n<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n"
+    "<center><h1>502 Bad Gateway</h1></center>\n<hr><center>nginx/1.25.3</center>\n"
+    + "<!-- a padding comment, as proxies add to defeat browsers' friendly error pages -->\n" * 6
+    + "</body>\n</html>\n"
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,24 @@ def empty_choices() -> Fault:
 def invalid_body() -> Fault:
     """200 OK, Content-Type application/json, body that is not JSON at all."""
     return Fault("invalid_body", text="<html><body>502 Bad Gateway</body></html>")
+
+
+def html_page(code: int = 200, text: str = PROXY_PAGE) -> Fault:
+    """An HTML page with Content-Type text/html, as a proxy or a login wall answers (200, or an
+    error code such as 502)."""
+    if not 200 <= code <= 599:
+        raise ValueError(f"html_page fault needs an HTTP code, got {code}")
+    return Fault("html", code=code, text=text)
+
+
+def json_body(body: Any, code: int = 200) -> Fault:
+    """A JSON body that is not a chat completion (`{"detail": "Not Found"}`, a list...)."""
+    return Fault("json_body", code=code, text=json.dumps(body))
+
+
+def ok() -> Fault:
+    """Served normally: a placeholder that lets a queue mix faults with good answers."""
+    return Fault("ok")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +288,12 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and kind == "invalid_body":
             self._send(200, fault.text.encode(), {"Content-Type": "application/json"})
             return
+        if fault and kind == "html":
+            self._send(fault.code, fault.text.encode(), {"Content-Type": "text/html; charset=utf-8"})
+            return
+        if fault and kind == "json_body":
+            self._send(fault.code, fault.text.encode(), {"Content-Type": "application/json"})
+            return
         n = max(1, int(request.get("n") or 1))
         try:
             if fault and kind in ("garbage", "bad_verdict"):
@@ -308,7 +349,9 @@ class FakeOpenAI:
     """An OpenAI-compatible server on 127.0.0.1 (a free port), one thread per connection.
 
     `inject(*faults)` queues faults; each chat-completions request, in arrival order, takes the
-    next one (or none). `latency` is added to every 200 response and can be changed while running.
+    next one (or none). `fault_for(request)`, when set, picks the fault of a request the queue has
+    none for (a fault per prompt, whatever the arrival order). `latency` is added to every 200
+    response and can be changed while running.
     """
 
     def __init__(
@@ -317,10 +360,12 @@ class FakeOpenAI:
         *,
         latency: float = 0.0,
         model: str = "fake-judge",
+        fault_for: Callable[[dict[str, Any]], Fault | None] | None = None,
     ) -> None:
         self.responder = responder
         self.latency = latency
         self.model = model
+        self.fault_for = fault_for
         self._lock = threading.Lock()
         self._faults: collections.deque[Fault] = collections.deque()
         self._requests: list[dict[str, Any]] = []
@@ -470,7 +515,10 @@ class FakeOpenAI:
             self._requests.append(request)
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            return self._faults.popleft() if self._faults else None
+            if self._faults:
+                return self._faults.popleft()
+            fault_for = self.fault_for
+        return fault_for(request) if fault_for is not None else None  # outside the lock: it may be slow
 
     def _leave(self) -> None:
         with self._lock:

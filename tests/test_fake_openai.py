@@ -25,7 +25,10 @@ from tests.fake_openai import (
     drop,
     empty_choices,
     garbage,
+    html_page,
     invalid_body,
+    json_body,
+    ok,
     prefer_marker,
     revise_responder,
     score_by_length,
@@ -258,6 +261,53 @@ def test_invalid_body_escapes_the_sdk_as_a_bare_json_decode_error(sdk: Sdk, serv
     with pytest.raises(json.JSONDecodeError) as info:
         sdk.create()
     assert not isinstance(info.value, openai.OpenAIError)
+
+
+def test_an_html_page_with_200_comes_back_from_the_sdk_as_a_str(sdk: Sdk, server: FakeOpenAI) -> None:
+    # What crashed the judge ("'str' object has no attribute 'choices'"): the SDK returns the
+    # body's text for a non-JSON Content-Type instead of raising.
+    server.inject(html_page())
+    completion: Any = sdk.create()
+    assert isinstance(completion, str) and "502 Bad Gateway" in completion
+    assert completion.startswith("<!DOCTYPE html>")
+
+
+def test_an_html_page_with_502_is_a_status_error_carrying_the_page(sdk: Sdk, server: FakeOpenAI) -> None:
+    server.inject(html_page(502, "<html><body>upstream gone</body></html>"))
+    with pytest.raises(openai.InternalServerError) as info:
+        sdk.create()
+    assert info.value.status_code == 502
+    assert info.value.response.headers["content-type"].startswith("text/html")
+    assert info.value.body == "<html><body>upstream gone</body></html>"
+
+
+def test_a_json_body_that_is_not_a_completion_is_not_validated_by_the_sdk(
+    sdk: Sdk, server: FakeOpenAI
+) -> None:
+    server.inject(json_body({"detail": "Not Found"}), json_body([1, 2]))
+    assert sdk.create().choices is None  # a ChatCompletion in name only
+    listed: Any = sdk.create()
+    assert listed == [1, 2]
+
+
+def test_ok_serves_normally_in_a_queue_of_faults(sdk: Sdk, server: FakeOpenAI) -> None:
+    server.inject(ok(), status(500), ok())
+    assert sdk.create().choices[0].message.content == VERDICT
+    with pytest.raises(openai.InternalServerError):
+        sdk.create()
+    assert sdk.create().choices[0].message.content == VERDICT
+    assert server.pending_faults == 0 and server.count == 3
+
+
+def test_fault_for_picks_a_fault_per_request_after_the_queue(server: FakeOpenAI, sdk: Sdk) -> None:
+    server.fault_for = lambda request: status(503) if request.get("seed") == 1 else None
+    server.inject(garbage())
+    assert sdk.create(seed=1).choices[0].message.content == "I think A is better!!"  # the queue first
+    with pytest.raises(openai.InternalServerError):
+        sdk.create(seed=1)
+    assert sdk.create(seed=2).choices[0].message.content == VERDICT
+    server.fault_for = None
+    assert sdk.create(seed=1).choices[0].message.content == VERDICT
 
 
 def test_faults_are_consumed_in_order_then_service_resumes(sdk: Sdk, server: FakeOpenAI) -> None:

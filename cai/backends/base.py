@@ -3,11 +3,14 @@ requests. Backends never touch the store; loop code wires them to it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 Messages = list[dict[str, str]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,23 @@ class Sample:
     samples drawn in one server request share that request's seed)."""
 
 
+class SamplingIncomplete(Exception):
+    """Some requests of a `Sampler.sample` call still failed after their retries. `samples` has
+    one entry per request, in order, None where it failed: the others are kept, not lost."""
+
+    def __init__(self, message: str, samples: list[Sample | None]) -> None:
+        super().__init__(message)
+        self.samples = samples
+
+
 class Sampler(Protocol):
     """Generates policy responses."""
 
     model: str
 
     def sample(self, requests: Sequence[SampleRequest], params: SamplingParams) -> list[Sample]:
-        """One sample per request, in order."""
+        """One sample per request, in order. A sampler that can fail per request (a server)
+        raises SamplingIncomplete with the samples that did finish."""
         ...
 
 
@@ -81,6 +94,45 @@ class TransientError(Exception):
 
 class PermanentError(Exception):
     """Retrying will not help (400, 401, 404...): the item is recorded as failed at once."""
+
+
+def backoff_delay(attempt: int, retry_after: float | None, base: float = 0.5, cap: float = 30.0) -> float:
+    """Seconds to wait after failed try number `attempt` (from 1): the server's Retry-After, within
+    reason, else a jittered exponential backoff."""
+    if retry_after is not None:
+        return min(retry_after, cap * 4)  # honour the server, within reason
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return delay * (0.5 + random.random() / 2)  # jitter: many workers must not retry in step
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How many tries a request gets, and the backoff between them (see `backoff_delay`)."""
+
+    max_attempts: int = 4
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        return backoff_delay(attempt, retry_after, self.backoff_base, self.backoff_cap)
+
+
+async def retry_transient(
+    call: Callable[[], Awaitable[T]], max_attempts: int, delay: Callable[[int, float | None], float]
+) -> T:
+    """Await `call()` until it returns. A TransientError is retried after `delay(attempt,
+    retry_after)` seconds, up to `max_attempts` tries in all, then raised; a PermanentError (or
+    anything else) is raised at once. The one retry loop of the judge and of policy sampling."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except TransientError as exc:
+            if attempt >= max_attempts:
+                raise
+            if (wait := delay(attempt, exc.retry_after)) > 0:
+                await asyncio.sleep(wait)
 
 
 class ChatBackend(Protocol):

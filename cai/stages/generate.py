@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from cai.generate import GenerationStats, pairs_for, sample_missing
+from cai.generate import GenerationIncomplete, GenerationStats, pairs_for, sample_missing
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import GenerateSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
@@ -17,7 +17,9 @@ def run_generate(
     ws: Workspace, round_id: int, settings: GenerateSettings, progress: Progress | None = None
 ) -> GenerationStats:
     """Sample what is missing, then pair every prompt whose samples are all stored. The round is
-    `generated` once no sample is left to take, by this worker or another."""
+    `generated` once no sample is left to take, by this worker or another. Samples that failed
+    after their retries fail the stage (GenerationIncomplete, round `failed`) once what did
+    come back is stored and paired: a rerun samples only the failed ones."""
     progress = progress or Silent()
     with ws.session() as session:
         round_ = repo.get_round(session, round_id)
@@ -27,18 +29,23 @@ def run_generate(
     stats = GenerationStats(prompts=len(prompts))
     with failure_recorded(ws, round_id, Stage.GENERATE):
         progress.task(f"round {round_id}: sampling")
-        stats.sampled, stats.already_stored = sample_missing(
-            ws,
-            round_id,
-            round_.policy_id,
-            lambda: ws.sampler(policy.name, policy.model_ref, settings),
-            prompts,
-            settings.samples,
-            int(round_.config.get("seed", 0)),
-            settings.params(),
-            settings.batch_size,
-            progress,
-        )
+        incomplete: GenerationIncomplete | None = None
+        try:
+            stats.sampled, stats.already_stored = sample_missing(
+                ws,
+                round_id,
+                round_.policy_id,
+                lambda: ws.sampler(policy.name, policy.model_ref, settings),
+                prompts,
+                settings.samples,
+                int(round_.config.get("seed", 0)),
+                settings.params(),
+                settings.batch_size,
+                progress,
+            )
+        except GenerationIncomplete as exc:
+            incomplete = exc  # pair the prompts that are complete first, then fail
+            stats.sampled, stats.already_stored = exc.sampled, exc.already
         with ws.session() as session:
             repo.lock_round(session, round_id)  # workers sharing the round pair one at a time
             stored = samples.stored_samples(session, round_id, round_.policy_id)
@@ -51,4 +58,6 @@ def run_generate(
                 stats.pairs_added += samples.add_pairs(session, round_id, prompt.id, pairs)
             if samples.pending_samples(session, round_id, round_.policy_id) == 0:
                 advance(session, round_id, Stage.GENERATE, Event.FINISH)
+        if incomplete is not None:
+            raise incomplete
     return stats

@@ -5,6 +5,7 @@ round at once: each claims its own judgments."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -17,7 +18,7 @@ from cai.judge_round import judge_round as judge_all_phases
 from cai.judging import JudgeRun, RunStats
 from cai.stages.progress import Progress, Silent, Stopped
 from cai.stages.settings import CalibrateSettings, JudgeEndpoint, JudgeSettings
-from cai.stages.status import Event, Stage, advance, failure_recorded
+from cai.stages.status import Event, RoundStatus, Stage, advance, failure_recorded
 from cai.store import judges, repo
 from cai.workspace import Judge, Workspace
 
@@ -25,17 +26,31 @@ T = TypeVar("T")
 PHASE_LABELS = {"sample": "judging pairs", "revision": "judging revisions", "eval": "judging eval pairs"}
 
 
-class JudgeUnreachable(RuntimeError):
+class JudgeFailed(RuntimeError):
+    """No judge request of a run gave a usable verdict (some or all replies did not parse, were
+    refused...): the run is a failure, not a result, even though every item was answered."""
+
+
+class JudgeUnreachable(JudgeFailed):
     """No judge request of a run succeeded: every one failed in transport."""
 
 
 def check_reachable(stats: RunStats, what: str = "requests") -> None:
-    """Raise JudgeUnreachable when no request of the run got an answer from the judge."""
+    """Raise when the run sent requests and not one gave a verdict: JudgeUnreachable when all
+    failed in transport, JudgeFailed otherwise. Partial failures are reported, not raised."""
+    if stats.judged or not stats.failed:
+        return
+    errors = ", ".join(f"{kind} {count}" for kind, count in sorted(stats.errors.items()))
+    counts = f"judged 0, failed {stats.failed} ({errors})"
     if stats.unreachable:
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items()))
         raise JudgeUnreachable(
-            f"the judge answered none of {stats.failed} {what} ({errors}); last error: {stats.last_error}"
+            f"the judge answered none of {stats.failed} {what}: {counts}; last error: {stats.last_error}; "
+            "rerun once it answers"
         )
+    raise JudgeFailed(
+        f"no verdict from the judge for any of {stats.failed} {what}: {counts}; last error: "
+        f"{stats.last_error}; rerun once the judge is fixed"
+    )
 
 
 def progress_runner(progress: Progress, round_id: int) -> Runner:
@@ -77,7 +92,7 @@ def run_judge(
     ws: Workspace, round_id: int, settings: JudgeSettings, progress: Progress | None = None
 ) -> RoundJudgement:
     """Judge the round in `settings.mode`; the round is `judged` once no judgment is pending.
-    Fails (round `failed`, resumable) when the judge answered none of its requests."""
+    Fails (round `failed`, resumable) when not one request of the run got a verdict."""
     progress = progress or Silent()
     with ws.session() as session:
         repo.get_round(session, round_id)  # unknown round: bad input, before any model loads
@@ -85,7 +100,12 @@ def run_judge(
     if settings.min_calibration is not None:
         with ws.session() as session:
             require_calibration(session, judge.spec, judge.templates, round_id, settings.min_calibration)
+    options = ws.leased(settings.options())
     with ws.session() as session:
+        if repo.round_status(session, round_id) == (RoundStatus.FAILED, Stage.JUDGE):
+            # The last judge run failed (no verdict at all, say): redoing the stage redoes its
+            # failures, unparseable ones included, or a rerun would call the round judged.
+            options = dataclasses.replace(options, retry_failed=True)
         advance(session, round_id, Stage.JUDGE, Event.START)
     with failure_recorded(ws, round_id, Stage.JUDGE):
         outcome = with_judge(
@@ -96,7 +116,7 @@ def run_judge(
                 judge.spec,
                 judge.backend,
                 judge.templates,
-                ws.leased(settings.options()),
+                options,
                 Claimant(ws.worker_id, progress.stop_requested),
                 settings.mode,
                 progress_runner(progress, round_id),
@@ -123,7 +143,8 @@ def run_calibrate(
     ws: Workspace, settings: CalibrateSettings, progress: Progress | None = None
 ) -> Calibration:
     """Measure the judge on the gold set and the canaries (both orders) and store the result per
-    judge and constitution version, for `min_calibration`."""
+    judge and constitution version, for `min_calibration`. A judge that gave no verdict at all
+    is a failure (JudgeFailed), and nothing is stored."""
     progress = progress or Silent()
     with ws.session() as session:
         stored = repo.get_constitution(session, *parse_ref(settings.constitution))
@@ -140,6 +161,7 @@ def run_calibrate(
         done += 1
         progress.update(done, total)
 
+    requests = RunStats()
     report = with_judge(
         judge,
         lambda: run_calibration_pairs(
@@ -150,8 +172,10 @@ def run_calibrate(
             canaries,
             settings.judge_options(),
             on_pair=on_pair,
+            stats=requests,
         ),
     )
+    check_reachable(requests, "calibration requests")  # an accuracy of 0 from no answers is no result
     with ws.session() as session:
         judge_id = judges.ensure_judge(session, config)
         judges.save_calibration(session, judge_id, stored.record.id, report)
