@@ -72,6 +72,7 @@ def build_round(db_url: str, pairs: int) -> tuple[object, int, int, object]:
         )
         judge_id = judges.ensure_judge(session, config)
         rules_id = judges.ensure_judge(session, judges.RULES_JUDGE)
+        checks = queue.check_pair_rules(session, round_id, judge_id, rules_id, loaded.constitution, record.id)
         queue.plan_judgments(
             session,
             round_id,
@@ -82,6 +83,7 @@ def build_round(db_url: str, pairs: int) -> tuple[object, int, int, object]:
             record.sha256,
             config.template_sha256,
             0,
+            checks,
         )
     return engine, round_id, judge_id, loaded.constitution
 

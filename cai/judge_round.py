@@ -23,6 +23,7 @@ from cai.templates import TemplateSet
 
 TEMPLATES = {"pairwise": "judge_pairwise", "score": "judge_score", "revise": "revision"}
 PAIR_PHASES = ("sample", "revision", EVAL_KIND)
+PLANNING_PASSES = 3
 Runner = Callable[[JudgeRun, int, str], Coroutine[Any, Any, RunStats]]
 
 
@@ -119,35 +120,50 @@ async def _phase(
     'revise'. Returns True when it stopped early (budget, or asked to)."""
     evaluation = phase == EVAL_KIND
     with session_scope(engine) as session:
-        repo.lock_round(session, round_id)  # concurrent workers plan one at a time
         round_ = repo.get_round(session, round_id)
         name, version = round_.constitution.split("@")
         stored = repo.get_constitution(session, name, int(version))
         judge_id = judges.ensure_judge(session, config)
         rules_judge_id = judges.ensure_judge(session, judges.RULES_JUDGE)
         seed = int(round_.config.get("seed", 0))
-        common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
+    common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
+    for planning_pass in range(1, PLANNING_PASSES + 1):
+        rule_checks = {}
         if phase in PAIR_PHASES:
-            planned = queue.plan_judgments(
-                session,
-                round_id,
-                judge_id,
-                rules_judge_id,
-                *common,
-                kind=phase,
-                rules_first=options.rules_first,
-                max_judge_pairs=options.max_judge_pairs,
+            # Rules run before the lock is taken: they are user-supplied patterns.
+            with session_scope(engine) as session:
+                rule_checks = queue.check_pair_rules(
+                    session, round_id, judge_id, rules_judge_id, *common[:2], phase, options.rules_first
+                )
+        with session_scope(engine) as session:
+            repo.lock_round(session, round_id)  # concurrent workers plan one at a time
+            if phase in PAIR_PHASES:
+                planned = queue.plan_judgments(
+                    session,
+                    round_id,
+                    judge_id,
+                    rules_judge_id,
+                    *common,
+                    rule_checks,
+                    kind=phase,
+                    rules_first=options.rules_first,
+                    max_judge_pairs=options.max_judge_pairs,
+                )
+                result.planned += planned.created
+                # Pairs added since the rules ran (by another worker) wait for another pass, or
+                # for the next run if pairs keep coming.
+                if planned.deferred and planning_pass < PLANNING_PASSES:
+                    continue
+            else:
+                result.planned += queue.plan_single(
+                    session, round_id, judge_id, *common, first_sample_only=phase == "revise"
+                )
+            result.retried += queue.reset_failures(
+                session, round_id, judge_id, every_failure=options.retry_failed, evaluation=evaluation
             )
-        else:
-            planned = queue.plan_single(
-                session, round_id, judge_id, *common, first_sample_only=phase == "revise"
-            )
-        result.planned += planned
-        result.retried += queue.reset_failures(
-            session, round_id, judge_id, every_failure=options.retry_failed, evaluation=evaluation
-        )
-        result.reclaimed += queue.release_dead_local_claims(session)
-        pending = queue.pending_count(session, round_id, judge_id, evaluation)
+            result.reclaimed += queue.release_dead_local_claims(session)
+            pending = queue.pending_count(session, round_id, judge_id, evaluation)
+            break
     mode = "pairwise" if phase in PAIR_PHASES else phase
     run = JudgeRun(
         engine,

@@ -12,6 +12,11 @@ from cai.judge import ORDERS, SCORE_SCALE, PairLabel, Verdict, aggregate_pairwis
 from cai.rules import RuleCheck, combine, rule_winner
 
 
+def same_answer(text: str) -> str:
+    """A key under which texts that differ only in whitespace are the same answer."""
+    return " ".join(text.split())
+
+
 def sampled_principle(constitution: Constitution, seed: int, subject: str) -> str:
     """The principle a subject ('pair:7', 'prompt:3') is judged under: drawn by weight, and the
     same on every run and every worker."""

@@ -107,9 +107,11 @@ def test_rules_defer_to_the_judge_when_tied() -> None:
     assert combine(checks, judged) is judged
 
 
-def test_identical_responses_are_not_paired() -> None:
+def test_identical_responses_are_not_paired_and_each_comparison_is_made_once() -> None:
     samples = [(1, "Paris."), (2, " Paris. "), (3, "It is Paris."), (4, "Lyon.")]
-    assert pairs_for(samples) == [(1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
+    # 2 repeats 1 (up to whitespace): pairing it too would ask (Paris., It is Paris.) twice.
+    assert pairs_for(samples) == [(1, 3), (1, 4), (3, 4)]
+    assert pairs_for([(5, "Same."), (6, "Same."), (7, "Same.")]) == []
 
 
 def test_sample_seeds_are_stable_and_distinct() -> None:

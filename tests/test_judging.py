@@ -23,6 +23,7 @@ from cai.backends.base import ChatRequest
 from cai.backends.openai_compat import OpenAIChat, retry_after
 from cai.judge import Verdict, pairwise_request
 from cai.judging import JudgeOptions, judge_once, pairwise_parser
+from cai.store import judges, queue, repo
 from cai.store.db import session_scope
 from cai.store.models import JudgmentRow, LabelRow, PairRow, ResponseRow
 from cai.templates import TemplateSet, sample_context
@@ -143,6 +144,83 @@ def test_rerun_judges_nothing_twice(cli: Cli, engine: Engine, server: fake.FakeO
     cli(*judge_args(server, round_id))
     assert judgment_counts(engine) == before
     assert server.count == requests  # nothing was sent again
+
+
+def test_a_comparison_is_judged_once_however_often_it_was_paired(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    """Rounds generated before repeated samples were merged hold pairs that repeat a comparison:
+    the same prompt and the same two answers, in the other order or through a repeated sample.
+    Each comparison is judged (and so labeled and exported) once."""
+    round_id = start_round(cli, server, limit=4)
+    with session_scope(engine) as session:
+        pairs = list(session.scalars(select(PairRow).where(PairRow.round_id == round_id)))
+        first = pairs[0]
+        original = session.get_one(ResponseRow, first.response_a_id)
+        repeat = ResponseRow(
+            round_id=round_id,
+            prompt_id=original.prompt_id,
+            policy_id=original.policy_id,
+            sample_index=99,
+            text=f"  {original.text}\n",  # the same answer, up to whitespace
+            sampling={},
+        )
+        session.add(repeat)
+        session.flush()
+        session.add_all(
+            [PairRow(round_id=round_id, prompt_id=p.prompt_id, response_a_id=p.response_b_id, response_b_id=p.response_a_id) for p in pairs]
+            + [PairRow(round_id=round_id, prompt_id=first.prompt_id, response_a_id=repeat.id, response_b_id=first.response_b_id)]
+        )  # fmt: skip
+    summary = json.loads(cli(*judge_args(server, round_id), "--json").stdout)
+    assert summary["pending"] == summary["failed"] == 0
+    with session_scope(engine) as session:
+        judged = session.execute(
+            select(JudgmentRow.pair_id, func.count())
+            .where(JudgmentRow.template_sha256 != "0" * 64)
+            .group_by(JudgmentRow.pair_id)
+        ).all()
+        labeled = set(session.scalars(select(LabelRow.pair_id)))
+    assert dict(judged) == {p.id: 2 for p in pairs}  # the originals, in both orders; no repeat
+    assert labeled == {p.id for p in pairs}
+    shown = json.loads(cli("round", "show", round_id, "--json").stdout)
+    assert shown["status"] == "judged"
+
+
+def test_planning_records_only_rule_checks_that_ran_before_the_round_lock(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    """Rules are user-supplied patterns, so they run before planning takes the round's lock; a
+    pair whose checks did not run then is left for the next pass, never checked under the lock."""
+    cli("constitution", "register", REPO / "constitutions/concise-safe/v1.yaml")
+    cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
+    round_id = int(cli("round", "start", "-c", "concise-safe@1", "--policy", "fake/policy").stdout)
+    cli("generate", "-r", round_id, "--limit", 4, "--backend", "openai", "--base-url", server.base_url)
+    with session_scope(engine) as session:
+        stored = repo.get_constitution(session, "concise-safe", 1)
+        config = judges.JudgeConfig("openai", "fake-judge", "pairwise", "1" * 64, {})
+        judge_id = judges.ensure_judge(session, config)
+        rules_id = judges.ensure_judge(session, judges.RULES_JUDGE)
+        pair_ids = set(session.scalars(select(PairRow.id).where(PairRow.round_id == round_id)))
+    rule_count = sum(p.kind == "rule" for p in stored.constitution.principles)
+    assert pair_ids and rule_count
+    common = (stored.constitution, stored.record.id, stored.record.sha256, "1" * 64, 0)
+
+    with session_scope(engine) as session:
+        planned = queue.plan_judgments(session, round_id, judge_id, rules_id, *common, {})
+        assert planned == queue.Planned(created=0, deferred=len(pair_ids), duplicates=0)
+        assert session.scalar(select(func.count()).select_from(JudgmentRow)) == 0
+    with session_scope(engine) as session:
+        checks = queue.check_pair_rules(session, round_id, judge_id, rules_id, *common[:2])
+        assert set(checks) == pair_ids
+    with session_scope(engine) as session:
+        planned = queue.plan_judgments(session, round_id, judge_id, rules_id, *common, checks)
+        assert planned == queue.Planned(created=2 * len(pair_ids), deferred=0, duplicates=0)
+        by_judge = dict(
+            session.execute(select(JudgmentRow.judge_id, func.count()).group_by(JudgmentRow.judge_id)).all()
+        )
+    assert by_judge == {judge_id: 2 * len(pair_ids), rules_id: rule_count * len(pair_ids)}
+    with session_scope(engine) as session:  # planned pairs need no rule checks again
+        assert queue.check_pair_rules(session, round_id, judge_id, rules_id, *common[:2]) == {}
 
 
 def test_samples_of_one_prompt_share_a_request_with_n_choices(
@@ -335,6 +413,16 @@ def test_budget_needs_prices(cli: Cli, server: fake.FakeOpenAI) -> None:
     assert "--budget needs prices" in cli(*judge_args(server, round_id, "--budget", 1), expect=2).stderr
 
 
+def test_negative_prices_are_refused(cli: Cli, engine: Engine, server: fake.FakeOpenAI) -> None:
+    round_id = start_round(cli, server, limit=2)
+    for flag in ("--price-in", "--price-out"):
+        error = cli(*judge_args(server, round_id, flag, -0.5), expect=2).stderr
+        assert flag in error
+    assert judgment_counts(engine) == {}  # nothing was planned or sent
+    submitted = cli("jobs", "submit", "judge", "--round", round_id, "--set", "price_in=-1", expect=2)
+    assert "settings.price_in: Input should be greater than or equal to 0" in submitted.stderr
+
+
 def _cai_process(db_url: str, *args: object) -> subprocess.Popen[str]:
     env = {**os.environ, "CAI_DATABASE_URL": db_url}
     return subprocess.Popen(
@@ -349,21 +437,28 @@ def _cai_process(db_url: str, *args: object) -> subprocess.Popen[str]:
 def test_sigkill_mid_round_loses_nothing_and_duplicates_nothing(
     cli: Cli, engine: Engine, db_url: str
 ) -> None:
-    with fake.FakeOpenAI(policy_then_judge, latency=0.05) as server:
+    concurrency = 4
+    # A fast judge: results arrive many times a second, so any delay before they are written
+    # would show up as requests sent again after the kill.
+    with fake.FakeOpenAI(policy_then_judge, latency=0.01) as server:
         round_id = start_round(cli, server, limit=30)
-        process = _cai_process(db_url, *judge_args(server, round_id, "--concurrency", 4))
+        sampling_requests = server.count
+        process = _cai_process(db_url, *judge_args(server, round_id, "--concurrency", concurrency))
         deadline = time.monotonic() + 60
-        while judgment_counts(engine).get("ok", 0) < 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while judgment_counts(engine).get("ok", 0) < 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
         partial = judgment_counts(engine)
         assert partial.get("ok", 0) > 0 and partial.get("pending", 0) > 0, partial
 
         summary = json.loads(cli(*judge_args(server, round_id), "--json").stdout)
+        judge_requests = server.count - sampling_requests
     assert summary["pending"] == summary["failed"] == 0
     assert summary["labeled"] == summary["pairs"]
     assert judgment_counts(engine) == {"ok": 2 * summary["pairs"]}
+    # The kill lost only requests in flight (asked, or answered but not yet written).
+    assert judge_requests - 2 * summary["pairs"] <= concurrency
 
 
 def test_concurrent_workers_never_judge_the_same_item(cli: Cli, engine: Engine, db_url: str) -> None:

@@ -176,10 +176,18 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
     )
     budget: float | None = option(None, "--budget", ge=0.0, help="Stop cleanly once this many USD are spent.")
     price_in: float | None = option(
-        None, "--price-in", envvar="CAI_JUDGE_PRICE_IN", help="USD per million prompt tokens (for cost)."
+        None,
+        "--price-in",
+        envvar="CAI_JUDGE_PRICE_IN",
+        ge=0.0,
+        help="USD per million prompt tokens (for cost).",
     )
     price_out: float | None = option(
-        None, "--price-out", envvar="CAI_JUDGE_PRICE_OUT", help="USD per million completion tokens."
+        None,
+        "--price-out",
+        envvar="CAI_JUDGE_PRICE_OUT",
+        ge=0.0,
+        help="USD per million completion tokens.",
     )
     min_calibration: float | None = option(
         None,

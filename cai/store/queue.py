@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -13,8 +14,8 @@ from sqlalchemy.orm import Session, aliased
 
 from cai.constitution import Constitution
 from cai.judge import ORDERS, Parsed
-from cai.labelling import sampled_principle
-from cai.rules import check_rules, rule_winner
+from cai.labelling import same_answer, sampled_principle
+from cai.rules import RuleCheck, check_rules, rule_winner
 from cai.store import claims
 from cai.store.judges import RULES_JUDGE
 from cai.store.models import (
@@ -54,6 +55,91 @@ def principle_ids(session: Session, constitution_id: int) -> dict[str, int]:
     return dict(rows.all())
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    pair_id: int
+    prompt_id: int
+    text_a: str
+    text_b: str
+    llm_planned: bool
+    rules_checked: bool
+    b_sampling: dict[str, Any]
+
+    @property
+    def content(self) -> tuple[int, frozenset[str]]:
+        """Pairs with the same prompt and the same two answers, in either order, are one
+        comparison: it is judged once (and so exported once)."""
+        return self.prompt_id, frozenset((same_answer(self.text_a), same_answer(self.text_b)))
+
+
+def _candidates(
+    session: Session, round_id: int, judge_id: int, rules_judge_id: int, rule_ids: list[int], kind: str
+) -> list[_Candidate]:
+    with_llm = select(JudgmentRow.pair_id).where(JudgmentRow.judge_id == judge_id)
+    with_rules = select(JudgmentRow.pair_id).where(
+        JudgmentRow.judge_id == rules_judge_id, JudgmentRow.principle_id.in_(rule_ids)
+    )
+    a, b = aliased(ResponseRow), aliased(ResponseRow)
+    rows = session.execute(
+        select(
+            PairRow.id,
+            PairRow.prompt_id,
+            a.text,
+            b.text,
+            PairRow.id.in_(with_llm),
+            PairRow.id.in_(with_rules),
+            b.sampling,
+        )
+        .join(a, a.id == PairRow.response_a_id)
+        .join(b, b.id == PairRow.response_b_id)
+        .where(PairRow.round_id == round_id, PairRow.kind == kind)
+        .order_by(PairRow.id)
+    ).all()
+    return [_Candidate(*row) for row in rows]
+
+
+def _rule_principle_ids(session: Session, constitution: Constitution, constitution_id: int) -> list[int]:
+    principles = principle_ids(session, constitution_id)
+    return [principles[p.id] for p in constitution.principles if p.kind == "rule"]
+
+
+def _needs_rule_checks(candidate: _Candidate, rules_first: bool) -> bool:
+    return not candidate.rules_checked or (rules_first and not candidate.llm_planned)
+
+
+def check_pair_rules(
+    session: Session,
+    round_id: int,
+    judge_id: int,
+    rules_judge_id: int,
+    constitution: Constitution,
+    constitution_id: int,
+    kind: str = "sample",
+    rules_first: bool = False,
+) -> dict[int, list[RuleCheck]]:
+    """Run the rule principles on the pairs `plan_judgments` will need them for. Call it before
+    taking the round's lock, in a transaction that writes nothing: rules are user-supplied
+    patterns, and no lock (SQLite's is the whole database) may be held while they run."""
+    rule_ids = _rule_principle_ids(session, constitution, constitution_id)
+    if not rule_ids:
+        return {}
+    return {
+        c.pair_id: check_rules(constitution, c.text_a, c.text_b)
+        for c in _candidates(session, round_id, judge_id, rules_judge_id, rule_ids, kind)
+        if _needs_rule_checks(c, rules_first)
+    }
+
+
+@dataclass(frozen=True)
+class Planned:
+    created: int
+    """New pending LLM judgments."""
+    deferred: int
+    """Pairs left for the next planning pass: they need rule checks that were not run yet."""
+    duplicates: int
+    """Pairs repeating an earlier pair's comparison (same prompt, same two answers): not judged."""
+
+
 def plan_judgments(
     session: Session,
     round_id: int,
@@ -64,40 +150,41 @@ def plan_judgments(
     constitution_sha256: str,
     template_sha256: str,
     seed: int,
+    rule_checks: Mapping[int, list[RuleCheck]],
     kind: str = "sample",
     rules_first: bool = False,
     max_judge_pairs: int | None = None,
-) -> int:
+) -> Planned:
     """Create the pending judgments (both orders) for pairs of `kind` that have none for this
-    judge, and record rule checks at once. Sampled pairs get a principle drawn by weight;
-    revision pairs are judged under the principle they were revised for. With `rules_first`,
-    pairs the rule principles already separate are not sent to the LLM judge: the rules would
-    overrule its verdict anyway. `max_judge_pairs` caps the pairs of this kind the LLM judge is
-    asked about (a seeded draw, so the sample spreads over prompts); pairs left out get a label
-    only where the rules decide. Idempotent: returns the number of new LLM judgments."""
+    judge, and record the rule checks (run beforehand by `check_pair_rules`). Sampled pairs get
+    a principle drawn by weight; revision pairs are judged under the principle they were revised
+    for. With `rules_first`, pairs the rule principles already separate are not sent to the LLM
+    judge: the rules would overrule its verdict anyway. `max_judge_pairs` caps the pairs of this
+    kind the LLM judge is asked about (a seeded draw, so the sample spreads over prompts); pairs
+    left out get a label only where the rules decide. Idempotent."""
     principles = principle_ids(session, constitution_id)
-    rule_ids = [principles[p.id] for p in constitution.principles if p.kind == "rule"]
+    rule_ids = _rule_principle_ids(session, constitution, constitution_id)
     has_llm = len(rule_ids) < len(constitution.principles)
-    with_llm = select(JudgmentRow.pair_id).where(JudgmentRow.judge_id == judge_id)
-    with_rules = select(JudgmentRow.pair_id).where(
-        JudgmentRow.judge_id == rules_judge_id, JudgmentRow.principle_id.in_(rule_ids)
-    )
-    a, b = aliased(ResponseRow), aliased(ResponseRow)
-    todo = session.execute(
-        select(PairRow.id, a.text, b.text, PairRow.id.in_(with_llm), PairRow.id.in_(with_rules), b.sampling)
-        .join(a, a.id == PairRow.response_a_id)
-        .join(b, b.id == PairRow.response_b_id)
-        .where(PairRow.round_id == round_id, PairRow.kind == kind)
-        .order_by(PairRow.id)
-    ).all()
+    todo = _candidates(session, round_id, judge_id, rules_judge_id, rule_ids, kind)
+    # One pair per comparison: the one already judged if any, else the oldest.
+    representative: dict[tuple[int, frozenset[str]], int] = {}
+    for c in sorted(todo, key=lambda c: (not (c.llm_planned or c.rules_checked), c.pair_id)):
+        representative.setdefault(c.content, c.pair_id)
     candidates: list[tuple[int, Any]] = []
-    for pair_id, text_a, text_b, llm_planned, rules_checked, b_sampling in todo:
-        checks = check_rules(constitution, text_a, text_b) if rule_ids else []
-        if checks and not rules_checked:
+    deferred = duplicates = 0
+    for c in todo:
+        if representative[c.content] != c.pair_id:
+            duplicates += 1
+            continue
+        if rule_ids and _needs_rule_checks(c, rules_first) and c.pair_id not in rule_checks:
+            deferred += 1
+            continue
+        checks = rule_checks.get(c.pair_id, [])
+        if checks and not c.rules_checked:
             for check in checks:
                 session.add(
                     JudgmentRow(
-                        pair_id=pair_id,
+                        pair_id=c.pair_id,
                         constitution_sha256=constitution_sha256,
                         order="AB",
                         principle_id=principles[check.principle_id],
@@ -111,11 +198,11 @@ def plan_judgments(
                         raw_output=json.dumps({"a_passes": check.a_passes, "b_passes": check.b_passes}),
                     )
                 )
-        if not has_llm or llm_planned or (rules_first and rule_winner(checks) is not None):
+        if not has_llm or c.llm_planned or (rules_first and rule_winner(checks) is not None):
             continue
-        candidates.append((pair_id, b_sampling))
+        candidates.append((c.pair_id, c.b_sampling))
     if max_judge_pairs is not None:
-        asked = sum(1 for row in todo if row[3])
+        asked = sum(1 for c in todo if c.llm_planned)
         candidates.sort(key=lambda c: hashlib.sha256(f"{seed}:judge-pair:{c[0]}".encode()).digest())
         candidates = candidates[: max(0, max_judge_pairs - asked)]
     created = 0
@@ -138,7 +225,7 @@ def plan_judgments(
             )
             created += 1
     session.flush()
-    return created
+    return Planned(created, deferred, duplicates)
 
 
 def plan_single(
