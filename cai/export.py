@@ -4,11 +4,16 @@ last. Deterministic: the same labels and filters give byte-identical files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,12 @@ from cai.store.snapshots import LabelledPair, RoundProvenance
 
 MANIFEST = "manifest.json"
 FORMAT = "cai-snapshot/1"
+STALE_AFTER_S = 24 * 3600
+"""A work directory untouched this long is a dead export's, whoever made it: exports take minutes."""
+# `.<out name>.tmp-<host>-<pid>-<8 hex>` (being built) or `.old-` (a replaced snapshot being removed).
+# Host and pid say whose it is; without them (written before they were added) only age can tell.
+_ACTIVE: set[Path] = set()  # this process's work directories in use (its pid alone may be reused)
+_WORK_DIR = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
 
 
 @dataclass(frozen=True)
@@ -35,18 +46,31 @@ class ExportFilters:
             "seed": self.seed,
             "ties": "excluded",
             "revision_pairs": "kept only when the revision is preferred",
+            "identical_texts": "excluded",
+            "duplicates": "one pair per prompt and pair of texts, in either order",
         }
 
 
 def select_pairs(
     pairs: list[LabelledPair], filters: ExportFilters
 ) -> tuple[list[LabelledPair], dict[str, int]]:
-    """The pairs a DPO snapshot can use, and why the others were dropped."""
-    dropped = {"ties": 0, "low_confidence": 0, "other_principle": 0, "revision_not_preferred": 0}
-    kept = []
+    """The pairs a DPO snapshot can use, and why the others were dropped. A pair whose chosen and
+    rejected texts are the same teaches nothing; pairs with the same prompt and the same two texts
+    (in either order, e.g. identical samples paired twice) are one example, exported once."""
+    dropped = {
+        "ties": 0,
+        "identical_texts": 0,
+        "low_confidence": 0,
+        "other_principle": 0,
+        "revision_not_preferred": 0,
+        "duplicates": 0,
+    }
+    usable = []
     for pair in pairs:
         if pair.verdict == "tie":
             dropped["ties"] += 1
+        elif pair.chosen == pair.rejected:
+            dropped["identical_texts"] += 1
         elif pair.kind == "revision" and pair.verdict != "B":
             dropped["revision_not_preferred"] += 1  # B is the revision: keep it only when it won
         elif filters.principle is not None and pair.principle != filters.principle:
@@ -58,8 +82,29 @@ def select_pairs(
         ):
             dropped["low_confidence"] += 1
         else:
-            kept.append(pair)
+            usable.append(pair)
+    # After the filters, so a duplicate they drop never hides one they keep.
+    best: dict[tuple[Any, ...], LabelledPair] = {}
+    for pair in usable:
+        key = _content_key(pair)
+        if key not in best or _precedence(pair) < _precedence(best[key]):
+            best[key] = pair
+    kept = [pair for pair in usable if best[_content_key(pair)] is pair]
+    dropped["duplicates"] = len(usable) - len(kept)
     return kept, dropped
+
+
+def _content_key(pair: LabelledPair) -> tuple[Any, ...]:
+    """What a snapshot row says, orientation aside: the prompt's messages and the two texts."""
+    prompt = tuple((m["role"], m["content"]) for m in pair.prompt)
+    return prompt, tuple(sorted((pair.chosen, pair.rejected)))
+
+
+def _precedence(pair: LabelledPair) -> tuple[int, int]:
+    """Which of several pairs with the same content is exported: a human's label, then one that
+    rule principles decided, then the judge's; among equals the lowest pair id (deterministic,
+    and one orientation only)."""
+    return {"human": 0, "rule": 1}.get(pair.source, 2), pair.pair_id
 
 
 def in_eval(prompt_sha256: str, filters: ExportFilters) -> bool:
@@ -86,9 +131,9 @@ def write_snapshot(
     splits = {"train": [p for p in kept if not in_eval(p.prompt_sha256, filters)]}
     splits["eval"] = [p for p in kept if in_eval(p.prompt_sha256, filters)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "data").mkdir(parents=True)
-    try:
+    remove_stale_work_dirs(out.parent)
+    with _work_dir(out, "tmp") as tmp:
+        (tmp / "data").mkdir(parents=True)
         files = {}
         for split, rows in splits.items():
             if not rows:
@@ -114,8 +159,6 @@ def write_snapshot(
         # Written last: a directory without a manifest is not a snapshot.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _move_into_place(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return load_manifest(out)
 
 
@@ -184,12 +227,78 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
             raise BadInput(
                 f"{out} exists and holds something else; choose another directory, or overwrite it"
             )
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        with _work_dir(out, "old") as old:
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)  # keep what was there rather than nothing
+                raise
         return
     os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def _work_dir(out: Path, kind: str) -> Iterator[Path]:
+    """A path beside `out` for a directory this export builds or retires, removed on the way out.
+    Its name says which host and process own it, for remove_stale_work_dirs after a kill."""
+    path = out.parent / f".{out.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _ACTIVE.add(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        _ACTIVE.discard(path)
+
+
+def remove_stale_work_dirs(parent: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the work directories that killed exports left in `parent` (the `.NAME.tmp-...` a
+    snapshot is built in, the `.NAME.old-...` a replaced one is moved to before removal); returns
+    them. Only names this module makes are considered, and one is removed only when its process
+    is gone (made on this host, pid no longer running) or nothing in it changed for
+    `stale_after_s`: a live export's directory is never touched."""
+    removed = []
+    for entry in parent.iterdir() if parent.is_dir() else ():
+        match = _WORK_DIR.match(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        host, pid = match.group("host"), match.group("pid")
+        ours_and_dead = host == _host() and pid is not None and not _in_use(entry, int(pid))
+        if ours_and_dead or time.time() - _newest_mtime(entry) > stale_after_s:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _host() -> str:
+    """This machine, as work directory names carry it: several machines may share a directory
+    (workers on a shared volume), and a pid means something only on its own host."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"  # no '-': it ends the host
+
+
+def _in_use(directory: Path, pid: int) -> bool:
+    """Whether process `pid` of this host may still be using `directory`."""
+    if pid == os.getpid():
+        # A process restarted with the same pid (common in containers) is not the one that made it.
+        return directory in _ACTIVE
+    if pid <= 0:
+        return True  # not a pid we wrote: leave it to the age bound
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. EPERM: it exists, under another user
+    return True
+
+
+def _newest_mtime(directory: Path) -> float:
+    newest = 0.0
+    for root, dirs, files in os.walk(directory):
+        for path in [root, *(os.path.join(root, name) for name in dirs + files)]:
+            with contextlib.suppress(OSError):  # removed while we looked
+                newest = max(newest, os.lstat(path).st_mtime)
+    return newest
 
 
 def _count(pairs: list[LabelledPair], field: str) -> dict[str, int]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +26,13 @@ if TYPE_CHECKING:
 
 OnLog = Callable[[int, dict[str, float]], None]
 SPLITS = ("train", "eval")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR-<global step>
+INCOMPLETE_DIR = "incomplete-checkpoints"
+"""Where checkpoints a killed save left half-written are moved, under the run's output dir. Not
+`checkpoint-*.something` beside the others: the Trainer's rotation globs `checkpoint-*` and would
+delete (or count) them."""
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -181,7 +191,8 @@ def train_dpo(
 ) -> TrainResult:
     """Train `policy_dir` (a transformers model dir with its tokenizer) with DPO on the snapshot's
     train split against the reference (default: the policy itself, the round's starting point).
-    Checkpoints go to `output_dir` and a rerun resumes from the latest; the final model and
+    Checkpoints go to `output_dir` and a rerun resumes from the latest complete one (incomplete
+    ones, from a run killed while saving, are moved aside); the final model and
     tokenizer land in `output_dir/final`. `on_log(step, metrics)` gets every training log (loss,
     rewards/*, logps/*...) and the final eval metrics."""
     snapshot_dir, policy_dir, output_dir = Path(snapshot_dir), Path(policy_dir), Path(output_dir)
@@ -191,7 +202,6 @@ def train_dpo(
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOTrainer
 
     gpu = torch.cuda.is_available()
@@ -214,7 +224,9 @@ def train_dpo(
         ref_model = AutoModelForCausalLM.from_pretrained(reference_dir or policy_dir, dtype=dtype)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    last = get_last_checkpoint(str(output_dir))
+    if is_main_process():  # the others only read: one process moves, every one skips the same dirs
+        set_aside_incomplete_checkpoints(output_dir)
+    last = last_complete_checkpoint(output_dir)
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -238,7 +250,7 @@ def train_dpo(
 
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
-    summary = trainer.train(resume_from_checkpoint=last)
+    summary = trainer.train(resume_from_checkpoint=str(last) if last else None)
     metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
     if "eval" in splits:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
@@ -248,8 +260,62 @@ def train_dpo(
         metrics=metrics,
         steps=trainer.state.global_step,
         model_dir=final,
-        resumed_from=Path(last) if last else None,
+        resumed_from=last,
     )
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """True when the Trainer finished writing this `checkpoint-N` directory. Trainer._save_checkpoint
+    (transformers 5.x) writes the model, then optimizer, scheduler, scaler and RNG state, and
+    trainer_state.json last, through a plain open/write; so a trainer_state.json that parses and
+    names step N marks a complete checkpoint, and anything less is a save that was cut short. The
+    weight files themselves are not checked: under DeepSpeed or FSDP they have other names."""
+    match = CHECKPOINT_NAME.match(checkpoint.name)
+    if match is None or not checkpoint.is_dir():
+        return False
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # missing, or cut off mid-write
+    return isinstance(state, dict) and state.get("global_step") == int(match.group(1))
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` directories under `output_dir`, newest (highest step) first."""
+    if not output_dir.is_dir():
+        return []
+    steps = {p: CHECKPOINT_NAME.match(p.name) for p in output_dir.iterdir()}
+    found = [(int(m.group(1)), p) for p, m in steps.items() if m and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint under `output_dir` (what a rerun resumes from), or None."""
+    return next((p for p in _checkpoints(Path(output_dir)) if checkpoint_complete(p)), None)
+
+
+def set_aside_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Move every incomplete `checkpoint-N` under `output_dir` into `output_dir/incomplete-checkpoints/`
+    (renamed `checkpoint-N.<UTC time>`), so that resuming never picks one and nothing is deleted;
+    returns where they went. Call it from one process only."""
+    output_dir = Path(output_dir)
+    moved = []
+    for checkpoint in _checkpoints(output_dir):
+        if checkpoint_complete(checkpoint):
+            continue
+        aside = output_dir / INCOMPLETE_DIR
+        aside.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = aside / f"{checkpoint.name}.{stamp}"
+        if target.exists():
+            target = aside / f"{checkpoint.name}.{stamp}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(checkpoint, target)
+        except FileNotFoundError:
+            continue  # another process moved it first
+        log.warning("%s was incomplete (a save cut short); moved it to %s", checkpoint, target)
+        moved.append(target)
+    return moved
 
 
 def cpu_has_native_bf16() -> bool:

@@ -18,15 +18,23 @@ from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 __all__ = ["smollm2_tokenizer_dir", "tiny_model_dir"]  # session fixtures
 
 
+def judged_round(cli: Cli, policy_dir: Path, limit: int = 24) -> int:
+    """A round of `policy_dir` with `limit` prompts sampled and judged (fake endpoints); returns its id."""
+    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
+    cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
+    round_id = int(cli("round", "start", "-c", "helpful-harmless@1", "--policy", policy_dir).stdout)
+    with fake.FakeOpenAI(policy_then_judge) as server:
+        cli(
+            "generate", "-r", round_id, "--backend", "openai", "--base-url", server.base_url, "--limit", limit
+        )
+        cli(*judge_args(server, round_id))
+    return round_id
+
+
 def test_train_registers_the_next_policy_with_its_lineage(
     cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
-    cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
-    round_id = int(cli("round", "start", "-c", "helpful-harmless@1", "--policy", tiny_model_dir).stdout)
-    with fake.FakeOpenAI(policy_then_judge) as server:
-        cli("generate", "-r", round_id, "--backend", "openai", "--base-url", server.base_url, "--limit", 24)
-        cli(*judge_args(server, round_id))
+    round_id = judged_round(cli, tiny_model_dir)
     cli("export", "-r", round_id, "--out", tmp_path / "snap")
     missing = cli("train", "-r", round_id, "--snapshot", tmp_path / "nowhere", expect=2)
     assert "not a snapshot" in missing.stderr

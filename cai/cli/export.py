@@ -20,9 +20,10 @@ def export(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write data/train-*.parquet and data/eval-*.parquet (prompt, chosen, rejected as chat
-    messages, plus provenance) and manifest.json, last. Ties are left out; human overrides
-    replace judge labels; revision pairs are kept only where the revision won. Load it with
-    `datasets.load_dataset(DIR)` or `trl dpo --dataset_name DIR`."""
+    messages, plus provenance) and manifest.json, last. Ties and pairs of two identical texts
+    are left out; a prompt with the same two texts (in either order) is exported once; human
+    overrides replace judge labels; revision pairs are kept only where the revision won. Load it
+    with `datasets.load_dataset(DIR)` or `trl dpo --dataset_name DIR`."""
     if submit_job:
         submit(ctx, "export", round_id, settings)
         return

@@ -50,7 +50,8 @@ def train(
 ) -> None:
     """Train the round's policy with DPO on its snapshot (reference: the round's starting policy,
     or --reference sft). Per-step metrics go to the database; a killed run resumes from its last
-    checkpoint when run again; the result becomes policy p_{r+1} with its lineage."""
+    complete checkpoint when run again (one a kill cut short is moved to
+    OUTPUT/incomplete-checkpoints/); the result becomes policy p_{r+1} with its lineage."""
     from cai.stages.train import run_train
 
     settings = train_settings(config_file, dpo, **settings.model_dump(exclude={"dpo"}))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.export import manifest_sha256, write_snapshot
+from cai.export import manifest_sha256, remove_stale_work_dirs, write_snapshot
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import ExportSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
@@ -40,6 +40,8 @@ def run_export(
         pairs = labelled_pairs(session, round_id)
         provenance = round_provenance(session, round_id)
     with failure_recorded(ws, round_id, Stage.EXPORT):
+        for leftover in remove_stale_work_dirs(target.parent):
+            progress.note(f"removed {leftover}: left by an export that was killed")
         progress.task(f"round {round_id}: writing snapshot", len(pairs))
         manifest = write_snapshot(target, pairs, provenance, settings.filters(), settings.overwrite)
         digest = manifest_sha256(target)

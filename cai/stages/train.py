@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai.errors import BadInput
 from cai.stages.progress import Progress, Silent, Stopped, check
@@ -21,6 +21,9 @@ from cai.stages.settings import TrainSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
 from cai.store import repo, training
 from cai.workspace import Workspace
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def default_run_dir(round_id: int, artifacts: Path = Path(".")) -> Path:
@@ -33,10 +36,10 @@ def run_train(
     """Train and register the next policy; returns a summary of the run. Under a multi-process
     launch every rank trains its share, and only rank 0 touches the store (and returns the
     summary; the others return `{"worker_rank": True, ...}`). A killed or stopped run resumes
-    from its last checkpoint when run again."""
+    from its last complete checkpoint when run again; one a kill cut short is moved aside."""
     from cai.backends import policy_location
     from cai.export import load_manifest, manifest_sha256
-    from cai.train import is_main_process
+    from cai.train import is_main_process, last_complete_checkpoint, set_aside_incomplete_checkpoints
 
     progress = progress or Silent()
     config = settings.dpo
@@ -44,8 +47,12 @@ def run_train(
     with ws.session() as session:
         round_ = repo.get_round(session, round_id)
         policy = repo.get_policy(session, round_.policy)
-        snapshot_dir = settings.snapshot or Path(training.latest_snapshot(session, round_id).path)
-        load_manifest(snapshot_dir)  # complete and unaltered, or refused before any run is recorded
+        # Complete and unaltered, or refused before any run is recorded.
+        if settings.snapshot is not None:
+            snapshot_dir = settings.snapshot
+            load_manifest(snapshot_dir)
+        else:
+            snapshot_dir = _recorded_snapshot(session, round_id)
         digest = manifest_sha256(snapshot_dir)
         snapshot_row = training.snapshot_by_manifest(session, digest)
         if snapshot_row is None:
@@ -72,6 +79,15 @@ def run_train(
             "model_dir": str(result.model_dir),
         }
     progress.note(f"training run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
+    moved = set_aside_incomplete_checkpoints(output_dir)
+    for aside in moved:
+        name = aside.name.split(".")[0]
+        progress.note(f"{name} was incomplete (a run killed while saving it): moved to {aside}")
+    if moved:
+        last = last_complete_checkpoint(output_dir)
+        progress.note(
+            f"resuming from {last.name}" if last else "no complete checkpoint: training starts afresh"
+        )
     progress.task(f"round {round_id}: DPO")
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
@@ -112,6 +128,23 @@ def run_train(
         "last_step": steps[-1][1] if steps else {},
         "config": settings_json,
     }
+
+
+def _recorded_snapshot(session: Session, round_id: int) -> Path:
+    """Where the round's latest snapshot was last exported, refused with what to do when that
+    directory no longer holds it (moved or deleted since)."""
+    from cai.export import load_manifest
+
+    recorded = training.latest_snapshot(session, round_id)
+    path = Path(recorded.path)
+    try:
+        load_manifest(path)
+    except BadInput as exc:
+        raise BadInput(
+            f"round {round_id}: snapshot {recorded.id} was last exported to {path}, which no longer "
+            f"holds it ({exc}); export the round again (cai export --round {round_id}) or pass --snapshot DIR"
+        ) from None
+    return path
 
 
 def _train(

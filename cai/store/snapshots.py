@@ -146,10 +146,13 @@ def record_snapshot(
     counts: dict[str, Any],
     filters: dict[str, Any],
 ) -> tuple[int, bool]:
-    """(snapshot id, created): an identical manifest is the same snapshot, stored once."""
-    existing = session.scalar(select(SnapshotRow.id).where(SnapshotRow.manifest_sha256 == manifest_sha256))
+    """(snapshot id, created): an identical manifest is the same snapshot, stored once. Its path
+    follows the latest export, which is the copy training then reads: an older copy may have been
+    deleted since, and an unchanged row would point at it."""
+    existing = session.scalar(select(SnapshotRow).where(SnapshotRow.manifest_sha256 == manifest_sha256))
     if existing is not None:
-        return existing, False
+        existing.path = path
+        return existing.id, False
     row = SnapshotRow(
         round_id=round_id, path=path, manifest_sha256=manifest_sha256, counts=counts, filters=filters
     )
