@@ -67,9 +67,16 @@ class Verdict:
     rationale: str
     confidence: float | None = None
     """Probability the judge gave its choice, when the backend can read it."""
+    choice_probs: dict[str, float] | None = None
+    """The judge's probability of each verdict, in the pair's own terms (un-swapped)."""
 
     def columns(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "rationale": self.rationale, "confidence": self.confidence}
+        return {
+            "verdict": self.verdict,
+            "rationale": self.rationale,
+            "confidence": self.confidence,
+            "choice_probs": self.choice_probs,
+        }
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,8 @@ def parse_pairwise(text: str, order: str, choice_probs: dict[str, float] | None 
     if not isinstance(rationale, str):
         raise ParseError("'rationale' is not a string")
     confidence = choice_probs.get(normalised) if choice_probs else None
-    return Verdict(unswap(normalised, order), rationale.strip(), confidence)
+    own_terms = {unswap(shown, order): p for shown, p in choice_probs.items()} if choice_probs else None
+    return Verdict(unswap(normalised, order), rationale.strip(), confidence, own_terms)
 
 
 def parse_score(text: str, scale: tuple[int, int] = SCORE_SCALE) -> Score:

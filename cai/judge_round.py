@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from cai.backends.base import ChatBackend
+from cai.backends.negotiation import EndpointFeatures
 from cai.errors import BadInput
 from cai.judging import JudgeOptions, JudgeRun, RunStats
 from cai.store import judges, labels, queue, repo
@@ -126,6 +127,7 @@ async def _phase(
         judge_id = judges.ensure_judge(session, config)
         rules_judge_id = judges.ensure_judge(session, judges.RULES_JUDGE)
         seed = int(round_.config.get("seed", 0))
+        recall_features(session, judge_id, backend)
     common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
     for planning_pass in range(1, PLANNING_PASSES + 1):
         rule_checks = {}
@@ -181,6 +183,7 @@ async def _phase(
     stats = await runner(run, pending, phase)
     _merge(result.stats, stats)
     with session_scope(engine) as session:
+        remember_features(session, judge_id, backend)
         repo.lock_round(session, round_id)  # another worker may be aggregating the same pairs
         if phase == "score":
             labels.aggregate_scores(session, round_id, judge_id)
@@ -215,6 +218,22 @@ async def judge_evaluation(
         "eval",
     )
     return result
+
+
+def recall_features(session: Session, judge_id: int, backend: ChatBackend) -> None:
+    """Start a backend that negotiates with its server (OpenAIChat) from what the endpoint
+    accepted last time for this judge, unless it has negotiated already in this process."""
+    features, base_url = getattr(backend, "features", None), getattr(backend, "base_url", None)
+    if isinstance(features, EndpointFeatures) and base_url and features == EndpointFeatures():
+        stored = judges.endpoint_features(session, judge_id, base_url)
+        if stored is not None:
+            backend.features = EndpointFeatures.from_json(stored)  # type: ignore[attr-defined]
+
+
+def remember_features(session: Session, judge_id: int, backend: ChatBackend) -> None:
+    features, base_url = getattr(backend, "features", None), getattr(backend, "base_url", None)
+    if isinstance(features, EndpointFeatures) and base_url:
+        judges.remember_endpoint_features(session, judge_id, base_url, features.as_json())
 
 
 def _merge(total: RunStats, more: RunStats) -> None:

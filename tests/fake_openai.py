@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import re
 import socket
 import sys
@@ -260,7 +261,11 @@ class _Handler(BaseHTTPRequestHandler):
         fault = fake._admit(request)
         self._admitted = True
         try:
-            self._serve(fake, request, fault)
+            refusal = fake._refusal(request)
+            if refusal is not None:
+                self._json(refusal[0], _error_body(refusal[0], refusal[1]))
+            else:
+                self._serve(fake, request, fault)
         finally:
             self._done()
 
@@ -294,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and kind == "json_body":
             self._send(fault.code, fault.text.encode(), {"Content-Type": "application/json"})
             return
-        n = max(1, int(request.get("n") or 1))
+        n = max(1, int(request.get("n") or 1)) if fake.n == "yes" else 1
         try:
             if fault and kind in ("garbage", "bad_verdict"):
                 contents = [fault.text] * n
@@ -352,6 +357,12 @@ class FakeOpenAI:
     next one (or none). `fault_for(request)`, when set, picks the fault of a request the queue has
     none for (a fault per prompt, whatever the arrival order). `latency` is added to every 200
     response and can be changed while running.
+
+    What the server supports, as real servers differ: `response_formats` it accepts (another
+    type is refused the way llama.cpp's server does, HTTP `format_refusal` naming
+    response_format); `logprobs` "yes" (each token at p=0.8 with one alternative at p=0.15),
+    "ignore" or "refuse" (HTTP 400); `n` "yes", "ignore" (one choice whatever is asked) or
+    "refuse" (HTTP 400 when n > 1).
     """
 
     def __init__(
@@ -361,11 +372,19 @@ class FakeOpenAI:
         latency: float = 0.0,
         model: str = "fake-judge",
         fault_for: Callable[[dict[str, Any]], Fault | None] | None = None,
+        response_formats: tuple[str, ...] = ("json_schema", "json_object", "text"),
+        format_refusal: int = 500,
+        logprobs: Literal["yes", "ignore", "refuse"] = "yes",
+        n: Literal["yes", "ignore", "refuse"] = "yes",
     ) -> None:
         self.responder = responder
         self.latency = latency
         self.model = model
         self.fault_for = fault_for
+        self.response_formats = response_formats
+        self.format_refusal = format_refusal
+        self.logprobs = logprobs
+        self.n = n
         self._lock = threading.Lock()
         self._faults: collections.deque[Fault] = collections.deque()
         self._requests: list[dict[str, Any]] = []
@@ -528,6 +547,45 @@ class FakeOpenAI:
         with self._lock:
             self._errors.append(exc)
 
+    def _refusal(self, request: dict[str, Any]) -> tuple[int, str] | None:
+        """(status, message) when this server does not support something the request asks."""
+        response_format = request.get("response_format")
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind is not None and kind not in self.response_formats:
+            accepted = " or ".join(repr(k) for k in self.response_formats)
+            return (
+                self.format_refusal,
+                f"1 validation error: response_format.type: Input should be {accepted}",
+            )
+        if request.get("logprobs") and self.logprobs == "refuse":
+            return 400, "logprobs are not supported by this server"
+        if int(request.get("n") or 1) > 1 and self.n == "refuse":
+            return 400, "n > 1 is not supported: only one choice per request"
+        return None
+
+    def _logprobs(self, request: dict[str, Any], content: str) -> dict[str, Any] | None:
+        if not request.get("logprobs") or self.logprobs != "yes":
+            return None
+        tokens = re.findall(r"\w+|\s+|[^\w\s]", content)
+
+        def alternative(token: str) -> str:
+            return {"A": "B", "B": "A"}.get(token, token + "_")
+
+        return {
+            "content": [
+                {
+                    "token": token,
+                    "logprob": math.log(0.8),
+                    "bytes": None,
+                    "top_logprobs": [
+                        {"token": token, "logprob": math.log(0.8), "bytes": None},
+                        {"token": alternative(token), "logprob": math.log(0.15), "bytes": None},
+                    ][: int(request.get("top_logprobs") or 0)],
+                }
+                for token in tokens
+            ]
+        }
+
     def _completion(self, request: dict[str, Any], contents: list[str]) -> dict[str, Any]:
         with self._lock:
             self._ids += 1
@@ -545,7 +603,7 @@ class FakeOpenAI:
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": content, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": self._logprobs(request, content),
                     "finish_reason": "stop",
                 }
                 for i, content in enumerate(contents)

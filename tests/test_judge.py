@@ -43,7 +43,8 @@ def test_parse_errors_say_why(text: str, message: str) -> None:
 
 def test_second_order_is_unswapped_with_its_confidence() -> None:
     verdict = parse_pairwise('{"rationale": "r", "preferred": "A"}', "BA", {"A": 0.8, "B": 0.15, "tie": 0.05})
-    assert verdict == Verdict("B", "r", 0.8)  # shown first in BA is the pair's B
+    # Shown first in BA is the pair's B; the probabilities are stored in the pair's own terms.
+    assert verdict == Verdict("B", "r", 0.8, {"B": 0.8, "A": 0.15, "tie": 0.05})
     assert parse_pairwise('{"rationale": "r", "preferred": "tie"}', "BA").verdict == "tie"
 
 

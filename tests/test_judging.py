@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from cai.backends.base import ChatRequest
+from cai.backends.negotiation import EndpointFeatures
 from cai.backends.openai_compat import OpenAIChat, retry_after
 from cai.judge import Verdict, pairwise_request
 from cai.judging import JudgeOptions, judge_once, pairwise_parser
@@ -289,7 +290,9 @@ def judge_against(*faults: fake.Fault, max_attempts: int = 3) -> Any:
     async def go() -> Any:
         with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
             server.inject(*faults)
-            backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5)
+            # An endpoint already known to take everything: no request here is a probe.
+            known = EndpointFeatures("json_schema", format_settled=True, logprobs=True)
+            backend = OpenAIChat(server.base_url, "fake-judge", timeout=0.5, features=known)
             options = JudgeOptions(max_attempts=max_attempts, backoff_base=0.01)
             try:
                 return await judge_once(backend, _request(), pairwise_parser("AB"), options)
@@ -344,26 +347,6 @@ def test_retry_after_is_honoured() -> None:
     assert retry_after({"retry-after-ms": "1500"}) == 1.5
     assert retry_after({"retry-after": "2"}) == 2.0
     assert retry_after({}) is None
-
-
-def test_structured_output_falls_back_when_the_server_refuses_it() -> None:
-    async def go() -> tuple[Any, OpenAIChat, list[dict[str, Any]]]:
-        with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:
-            server.inject(fake.status(400, message="response_format json_schema is not supported"))
-            backend = OpenAIChat(server.base_url, "fake-judge")
-            try:
-                return (
-                    await judge_once(backend, _request(), pairwise_parser("AB"), JudgeOptions()),
-                    backend,
-                    server.requests,
-                )
-            finally:
-                await backend.aclose()
-
-    outcome, backend, requests = asyncio.run(go())
-    assert outcome.parsed is not None
-    assert backend.structured_output is False
-    assert "response_format" in requests[0] and "response_format" not in requests[1]
 
 
 def test_failures_are_counted_and_a_rerun_retries_transient_ones(

@@ -6,6 +6,7 @@ or a PermanentError, whose message names the server's URL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import time
@@ -29,6 +30,14 @@ from cai.backends.base import (
     TransientError,
     retry_transient,
 )
+from cai.backends.negotiation import (
+    TOP_LOGPROBS,
+    EndpointFeatures,
+    choice_probs_from_logprobs,
+    is_refusal,
+    names_feature,
+    schema_instruction,
+)
 
 SAMPLER_RETRY = Retry()
 """Tries per policy request and the backoff between them, as the judge's defaults."""
@@ -38,10 +47,21 @@ SHOWN_CHARS = 160
 
 
 class BadRequest(PermanentError):
-    """HTTP 400; `detail` is the server's own message (the judge reads it for a schema refusal)."""
+    """HTTP 4xx other than load (408, 409, 429); `detail` is the server's own message, which
+    feature negotiation reads for what was refused."""
 
-    def __init__(self, message: str, detail: str) -> None:
+    def __init__(self, message: str, status: int, detail: str) -> None:
         super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+class ServerFault(TransientError):
+    """HTTP 5xx: retried, unless its body shows it refused a request feature."""
+
+    def __init__(self, message: str, status: int, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
         self.detail = detail
 
 
@@ -89,11 +109,12 @@ def server_fault(exc: Exception, base_url: str) -> TransientError | PermanentErr
     if isinstance(exc, openai.APIStatusError):
         code, detail = exc.status_code, _detail(exc)
         message = f"{base_url}: HTTP {code}: {detail}"
-        if code == 400:
-            return BadRequest(message, detail)
-        if code in (408, 409, 429) or code >= 500:
-            return TransientError(message, retry_after=retry_after(exc.response.headers))
-        return PermanentError(message)
+        wait = retry_after(exc.response.headers)
+        if code >= 500:
+            return ServerFault(message, code, detail, retry_after=wait)
+        if code in (408, 409, 429):
+            return TransientError(message, retry_after=wait)
+        return BadRequest(message, code, detail)
     if isinstance(exc, openai.APITimeoutError):
         return TransientError(f"{base_url}: timed out")
     if isinstance(exc, openai.APIConnectionError):
@@ -117,41 +138,145 @@ def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
 
 
 class OpenAIChat:
-    """ChatBackend over `AsyncOpenAI`. Asks for JSON-schema structured output and, if the server
-    rejects that, stops asking (the judge parses leniently either way)."""
+    """ChatBackend over `AsyncOpenAI` that negotiates what its endpoint accepts (see
+    cai.backends.negotiation): JSON-schema output, else `json_object` with a schema, else
+    `json_object` with the schema in the prompt, else plain text; and logprobs for a verdict's
+    probabilities. While something is
+    unknown, requests go one at a time and a refusal steps down and asks again at once, so it
+    costs one extra request per endpoint, never a work item's attempt; after that they run
+    concurrently. `features` holds the outcome (stored with the judge by the caller)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        features: EndpointFeatures | None = None,
+    ) -> None:
         self.model = model
         self.base_url = base_url
-        self.structured_output = True
+        self.features = features or EndpointFeatures()
+        self.refusals = 0
+        """Requests the endpoint refused for a feature (each asked again without it)."""
+        self._probing: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=0
         )
 
     async def complete(self, request: ChatRequest) -> ChatResult:
+        while True:
+            if not self._unknown(request):
+                try:
+                    return await self._ask(request)
+                except (BadRequest, ServerFault) as exc:
+                    # Once settled, only an error that names a feature reopens the question: a
+                    # plain 400 (a prompt too long, say) is about this request alone.
+                    if not (names_feature(exc.detail) and self._step_down(request, exc)):
+                        raise
+                    continue
+            async with self._probe_lock():
+                if self._unknown(request):
+                    return await self._probe(request)
+
+    async def _probe(self, request: ChatRequest) -> ChatResult:
+        """Ask, stepping down after each refusal. If every step is refused with a 4xx, the
+        refusals were about the request, not the features: those are put back as they were."""
+        before = dataclasses.replace(self.features)
+        while True:
+            try:
+                return await self._ask(request)
+            except (BadRequest, ServerFault) as exc:
+                if is_refusal(exc.status, exc.detail) and self._step_down(request, exc):
+                    continue
+                if isinstance(exc, BadRequest):
+                    self.features = before
+                raise
+
+    def _wants_logprobs(self, request: ChatRequest) -> bool:
+        return bool(request.choice_field and request.choices) and self.features.logprobs is not False
+
+    def _unknown(self, request: ChatRequest) -> bool:
+        format_unknown = request.json_schema is not None and not self.features.format_settled
+        return format_unknown or (self._wants_logprobs(request) and self.features.logprobs is None)
+
+    def _step_down(self, request: ChatRequest, exc: BadRequest | ServerFault) -> bool:
+        """Stop asking for what `exc` refused; False when nothing is left to give up."""
+        if not self.features.step_down(exc.detail, self._wants_logprobs(request)):
+            return False
+        self.refusals += 1
+        return True
+
+    def _probe_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._probing is None or self._probing[0] is not loop:  # one backend, several runs
+            self._probing = (loop, asyncio.Lock())
+        return self._probing[1]
+
+    async def _ask(self, request: ChatRequest) -> ChatResult:
+        messages = request.messages
         kwargs: dict[str, Any] = {
             "model": self.model,
-            "messages": request.messages,
             "temperature": request.temperature,
             "max_tokens": request.max_tokens,
         }
-        if request.json_schema and self.structured_output:
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": request.json_schema}
-        try:
-            choices, usage = await create_completion(self._client, self.base_url, kwargs)
-        except BadRequest as exc:
-            if "response_format" in kwargs and _mentions_schema(exc.detail):
-                self.structured_output = False  # an older server: fall back to plain JSON prompting
-                return await self.complete(request)
-            raise
+        response_format = self.features.response_format
+        if request.json_schema is not None:
+            if response_format == "json_schema":
+                kwargs["response_format"] = {"type": "json_schema", "json_schema": request.json_schema}
+            else:
+                messages = _with_instruction(messages, schema_instruction(request.json_schema))
+            if response_format == "json_object_schema":
+                kwargs["response_format"] = {"type": "json_object", "schema": request.json_schema["schema"]}
+            elif response_format == "json_object":
+                kwargs["response_format"] = {"type": "json_object"}
+        logprobs = self._wants_logprobs(request)
+        if logprobs:
+            kwargs |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        choices, usage = await create_completion(
+            self._client, self.base_url, {**kwargs, "messages": messages}
+        )
+        if request.json_schema is not None and self.features.response_format == response_format:
+            self.features.format_settled = True
+        text = choices[0].message.content or ""
+        tokens = _token_logprobs(choices[0]) if logprobs else None
+        if logprobs and self.features.logprobs is None:
+            self.features.logprobs = tokens is not None  # a server may ignore the parameter
+        probs = None
+        if tokens and request.choice_field:
+            probs = choice_probs_from_logprobs(text, tokens, request.choice_field, request.choices)
         return ChatResult(
-            text=choices[0].message.content or "",
+            text=text,
             prompt_tokens=_tokens(usage, "prompt_tokens"),
             completion_tokens=_tokens(usage, "completion_tokens"),
+            choice_probs=probs,
         )
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _with_instruction(messages: list[dict[str, str]], instruction: str) -> list[dict[str, str]]:
+    """`messages` with `instruction` appended to the last user turn."""
+    last = max(i for i, message in enumerate(messages) if message["role"] == "user")
+    return [
+        {**message, "content": message["content"] + instruction} if i == last else message
+        for i, message in enumerate(messages)
+    ]
+
+
+def _token_logprobs(choice: Choice) -> list[tuple[str, list[tuple[str, float]]]] | None:
+    """Each reply token with its top alternatives (itself included), or None without logprobs."""
+    content = choice.logprobs.content if choice.logprobs is not None else None
+    if not content:
+        return None
+    tokens = []
+    for item in content:
+        alternatives = [(alt.token, alt.logprob) for alt in item.top_logprobs or []]
+        if all(token != item.token for token, _ in alternatives):
+            alternatives.append((item.token, item.logprob))
+        tokens.append((item.token, alternatives))
+    return tokens
 
 
 def retry_after(headers: Any) -> float | None:
@@ -187,10 +312,6 @@ def _detail(exc: openai.APIStatusError) -> str:
     return str(exc.message)[:300]
 
 
-def _mentions_schema(detail: str) -> bool:
-    return any(word in detail.lower() for word in ("response_format", "json_schema", "structured"))
-
-
 def _tokens(usage: CompletionUsage | None, name: str) -> int | None:
     value = getattr(usage, name, None)
     return value if isinstance(value, int) else None
@@ -198,9 +319,12 @@ def _tokens(usage: CompletionUsage | None, name: str) -> int | None:
 
 class OpenAISampler:
     """Sampler over an OpenAI-compatible server. Requests for the same conversation are sent as
-    one request with `n` choices (one prefill on the server); a server that ignores `n` is asked
-    again for the rest. Each request carries a seed, which servers such as vLLM honour, and is
-    retried on transient faults (`retry`, default SAMPLER_RETRY) with the judge's backoff."""
+    one request with `n` choices (one prefill on the server). A server that refuses `n` or
+    returns fewer choices than asked is remembered (`n_supported`), and from then on each sample
+    is its own request with its own seed; the first such answer is awaited before the other
+    conversations ask, so finding out costs one request. Each request carries a seed, which
+    servers such as vLLM honour, and is retried on transient faults (`retry`, default
+    SAMPLER_RETRY) with the judge's backoff."""
 
     def __init__(
         self,
@@ -217,6 +341,8 @@ class OpenAISampler:
         self.timeout = timeout
         self.concurrency = concurrency
         self.retry = retry
+        self.n_supported: bool | None = None
+        """Whether the endpoint honours `n` > 1; None until a request shows it."""
 
     def sample(self, requests: Sequence[SampleRequest], params: SamplingParams) -> list[Sample]:
         return asyncio.run(self._sample_all(requests, params))
@@ -227,31 +353,27 @@ class OpenAISampler:
         )
         retry = self.retry or SAMPLER_RETRY  # looked up per call, so tests can make it quick
         semaphore = asyncio.Semaphore(self.concurrency)
+        probing = asyncio.Lock()
         results: list[Sample | None] = [None] * len(requests)
         errors: list[str] = []
 
-        async def draw(indices: list[int]) -> None:
-            seed = requests[indices[0]].seed
+        async def ask(indices: list[int]) -> list[Choice]:
+            """One request for the samples at `indices` (n = their count, their first seed)."""
             kwargs: dict[str, Any] = {
                 "model": self.model,
                 "messages": requests[indices[0]].messages,
                 "temperature": params.temperature,
                 "top_p": params.top_p,
                 "max_tokens": params.max_new_tokens,
-                "seed": seed,
-                "n": len(indices),
+                "seed": requests[indices[0]].seed,
             }
-            try:
-                async with semaphore:
-                    choices, usage = await retry_transient(
-                        lambda: create_completion(client, self.base_url, kwargs),
-                        retry.max_attempts,
-                        retry.delay,
-                    )
-            except (TransientError, PermanentError) as exc:
-                errors.append(str(exc))  # these samples stay missing; the others are kept
-                return
-            shared = len(choices) > 1
+            if len(indices) > 1:
+                kwargs["n"] = len(indices)
+            async with semaphore:
+                choices, usage = await retry_transient(
+                    lambda: create_completion(client, self.base_url, kwargs), retry.max_attempts, retry.delay
+                )
+            shared = len(indices) > 1 and len(choices) > 1
             for index, choice in zip(indices, choices, strict=False):
                 results[index] = Sample(
                     text=(choice.message.content or "").strip(),
@@ -259,10 +381,41 @@ class OpenAISampler:
                     # Usage covers all choices together; per-choice counts are unknown.
                     completion_tokens=None if shared else _tokens(usage, "completion_tokens"),
                     finish_reason=choice.finish_reason,
-                    seed=seed if shared and index != indices[0] else None,
+                    seed=kwargs["seed"] if shared and index != indices[0] else None,
                 )
-            if len(indices) > len(choices):
-                await draw(indices[len(choices) :])
+            return choices
+
+        async def one_each(indices: list[int]) -> None:
+            await asyncio.gather(*(draw([index]) for index in indices))
+
+        async def draw(indices: list[int]) -> None:
+            if len(indices) > 1 and self.n_supported is None:
+                async with probing:  # the first conversation finds out for all
+                    if self.n_supported is None:
+                        await draw_many(indices)
+                        return
+            if len(indices) > 1 and not self.n_supported:
+                await one_each(indices)
+                return
+            await draw_many(indices)
+
+        async def draw_many(indices: list[int]) -> None:
+            try:
+                choices = await ask(indices)
+            except BadRequest as exc:
+                if len(indices) > 1 and is_refusal(exc.status, exc.detail):
+                    self.n_supported = False  # `n` refused: one request per sample
+                    await one_each(indices)
+                else:
+                    errors.append(str(exc))
+                return
+            except (TransientError, PermanentError) as exc:
+                errors.append(str(exc))  # these samples stay missing; the others are kept
+                return
+            if len(indices) > 1:
+                self.n_supported = len(choices) >= len(indices)
+            if len(choices) < len(indices):  # `n` ignored: the rest each with its own seed
+                await one_each(indices[len(choices) :])
 
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):

@@ -54,6 +54,21 @@ def ensure_judge(session: Session, config: JudgeConfig) -> int:
     return row.id
 
 
+def endpoint_features(session: Session, judge_id: int, base_url: str) -> dict[str, Any] | None:
+    """What `base_url` accepted when this judge last used it (see cai.backends.negotiation)."""
+    stored = session.get_one(JudgeRow, judge_id).endpoint_features or {}
+    found = stored.get(base_url)
+    return found if isinstance(found, dict) else None
+
+
+def remember_endpoint_features(
+    session: Session, judge_id: int, base_url: str, features: dict[str, Any]
+) -> None:
+    row = session.get_one(JudgeRow, judge_id)
+    # A new dict, so the JSON column sees the change.
+    row.endpoint_features = {**(row.endpoint_features or {}), base_url: features}
+
+
 # --- calibration -------------------------------------------------------------------------------
 
 

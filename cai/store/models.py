@@ -203,6 +203,9 @@ class JudgeRow(Created, Base):
     mode: Mapped[str] = mapped_column(String(16))
     template_sha256: Mapped[str] = mapped_column(SHA256)
     params: Mapped[dict[str, Any]]
+    endpoint_features: Mapped[dict[str, Any] | None]
+    """Per base URL, what the endpoint accepted when last asked (response format, logprobs):
+    not identity, so a rerun skips the steps a server refused last time."""
 
 
 class JudgmentRow(Created, Base):
@@ -243,6 +246,9 @@ class JudgmentRow(Created, Base):
     """Pairwise: 'A', 'B' or 'tie', in the pair's own A/B terms (already un-swapped)."""
     score: Mapped[float | None] = mapped_column(Float)
     confidence: Mapped[float | None] = mapped_column(Float)
+    choice_probs: Mapped[dict[str, Any] | None]
+    """The judge's probability of each verdict ('A', 'B', 'tie', in the order shown), read from
+    its logprobs (or next-token probabilities in-process), when the backend gives them."""
     rationale: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[float | None] = mapped_column(Float)

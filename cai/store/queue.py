@@ -382,6 +382,7 @@ RESULT_COLUMNS = (
     "verdict",
     "score",
     "confidence",
+    "choice_probs",
     "rationale",
 )
 
