@@ -78,3 +78,15 @@ def table_counts(engine: Engine) -> dict[str, int]:
             name: connection.execute(text(f'SELECT COUNT(*) FROM "{name}"')).scalar_one()
             for name in Base.metadata.tables
         }
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On the PostgreSQL pass, run only the tests that touch a database (every such test takes
+    `db_url`): the rest (pure logic, tiny-model training, the browser) ran on the SQLite pass
+    already, and running them again would only double CI's time."""
+    if TEST_DATABASE_URL == "sqlite":
+        return
+    once = pytest.mark.skip(reason="touches no database: runs once, on the SQLite pass")
+    for item in items:
+        if "db_url" not in getattr(item, "fixturenames", ()):
+            item.add_marker(once)
