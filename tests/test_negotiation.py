@@ -288,3 +288,19 @@ def test_sampling_falls_back_to_one_request_per_sample_when_n_is_not_honoured(
         assert sum(int(r.get("n") or 1) > 1 for r in sent) == 1  # only the first prompt tried n
         assert {r["seed"] for r in sent} == {r.seed for r in requests}
         assert all(s.seed is None for s in samples)  # each sample drawn with its own seed
+
+
+def test_calibration_negotiates_once_and_shares_the_outcome_with_judging(cli: Cli) -> None:
+    cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
+    args = ["--judge-base-url", "", "--judge-model", "fake-judge"]
+    with fake.FakeOpenAI(fake.prefer_marker(GOOD), response_formats=("json_object", "text")) as judge:
+        args[1] = judge.base_url
+        report = json.loads(cli("judge", "calibrate", "-c", "helpful-harmless@1", *args, "--json").stdout)
+        first = judge.requests
+        assert report["pairs"] > 0
+        assert sum((r.get("response_format") or {}).get("type") == "json_schema" for r in first) == 1
+        before = judge.count
+        cli("judge", "calibrate", "-c", "helpful-harmless@1", *args, "--json")
+        again = judge.requests[before:]
+    assert len(again) == len(first) - 1  # the stored outcome spared the probe
+    assert not any((r.get("response_format") or {}).get("type") == "json_schema" for r in again)

@@ -13,7 +13,14 @@ from typing import TypeVar
 from cai.calibrate import CalibrationReport, default_canaries, default_gold, load_pairs
 from cai.calibrate import calibrate as run_calibration_pairs
 from cai.constitution import parse_ref
-from cai.judge_round import Claimant, RoundJudgement, Runner, require_calibration
+from cai.judge_round import (
+    Claimant,
+    RoundJudgement,
+    Runner,
+    recall_features,
+    remember_features,
+    require_calibration,
+)
 from cai.judge_round import judge_round as judge_all_phases
 from cai.judging import JudgeRun, RunStats
 from cai.stages.progress import Progress, Silent, Stopped
@@ -161,6 +168,8 @@ def run_calibrate(
         done += 1
         progress.update(done, total)
 
+    with ws.session() as session:
+        recall_features(session, judges.ensure_judge(session, config), judge.backend)
     requests = RunStats()
     report = with_judge(
         judge,
@@ -178,5 +187,6 @@ def run_calibrate(
     check_reachable(requests, "calibration requests")  # an accuracy of 0 from no answers is no result
     with ws.session() as session:
         judge_id = judges.ensure_judge(session, config)
+        remember_features(session, judge_id, judge.backend)
         judges.save_calibration(session, judge_id, stored.record.id, report)
     return Calibration(config.model, stored.record.ref, report)
