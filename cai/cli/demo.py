@@ -1,8 +1,11 @@
 """`cai demo`: the whole loop offline on a CPU, with the embedded SmolLM2-135M-Instruct as policy
-and judge, a fresh SQLite database, the shipped constitution and prompt set."""
+and judge, a fresh SQLite database, the shipped constitution and prompt set. The judge runs
+in-process, or behind llama.cpp's OpenAI-compatible server started for the demo."""
 
 from __future__ import annotations
 
+import contextlib
+import enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,13 @@ if TYPE_CHECKING:
 
 DEMO_CONSTITUTION = ("constitutions", "concise-safe/v2.yaml")
 DEMO_PROMPTS = ("prompt_sets", "helpful-harmless.jsonl")
+
+
+class JudgeServer(enum.StrEnum):
+    """Where the demo's embedded judge runs."""
+
+    IN_PROCESS = "in-process"
+    LLAMA_CPP = "llama.cpp"
 
 
 @with_settings(endpoint=Flags(JudgeEndpoint, only=("judge_base_url", "judge_model")))
@@ -41,6 +51,15 @@ def demo(
     # rules reward brevity, and a 135M judge cannot object); one epoch moves it less, and sanely.
     epochs: float = typer.Option(1.0, "--epochs", min=0.1, help="DPO epochs over the round's pairs."),
     learning_rate: float = typer.Option(3e-5, "--lr", min=0.0),
+    judge_server: JudgeServer = typer.Option(
+        JudgeServer.IN_PROCESS,
+        "--judge-server",
+        help="Where the embedded judge runs: 'in-process' (transformers, in this process) or "
+        "'llama.cpp' (llama.cpp's OpenAI-compatible server on the embedded GGUF, started on a free "
+        "loopback port for the demo and stopped after it; needs pip install "
+        "'llama-cpp-python\\[server]'). Not with --judge-base-url.",  # \[: not rich markup
+        case_sensitive=False,
+    ),
     *,
     endpoint: JudgeEndpoint,
 ) -> None:
@@ -48,7 +67,9 @@ def demo(
     prompt set in a fresh SQLite database under --dir, start a round with the embedded
     SmolLM2-135M-Instruct, then generate, judge (rules in code, the embedded model for the
     judged principles), export, train with DPO, and compare the trained policy with its parent
-    on held-out prompts. About 10 minutes on 2 CPU cores. Rerun it to resume."""
+    on held-out prompts. About 10 minutes on 2 CPU cores. Rerun it to resume. With
+    --judge-server llama.cpp the same embedded model judges from behind llama.cpp's server."""
+    from cai.backends import llamacpp_server
     from cai.cli.loop import print_summaries
     from cai.errors import BadInput
     from cai.resources import data_dir
@@ -57,6 +78,16 @@ def demo(
     from cai.store import progress, repo
     from cai.train import TrainConfig
     from cai.workspace import Workspace
+
+    # Checked before anything is written: bad input changes nothing.
+    on_llama_cpp = judge_server is JudgeServer.LLAMA_CPP
+    if on_llama_cpp and endpoint.judge_base_url:
+        raise BadInput(
+            "--judge-server llama.cpp starts its own judge endpoint; drop --judge-base-url "
+            "(or keep it and drop --judge-server)"
+        )
+    if on_llama_cpp and (reason := llamacpp_server.unavailable_reason()) is not None:
+        raise BadInput(f"--judge-server llama.cpp: {reason}")
 
     directory.mkdir(parents=True, exist_ok=True)
     database = directory.resolve() / "cai.db"
@@ -68,7 +99,7 @@ def demo(
 
     from cai.constitution import load_constitution
     from cai.promptsets import read_prompt_file
-    from cai.registry import EMBEDDED_MODEL, resolve_model
+    from cai.registry import EMBEDDED_MODEL, embedded_gguf, resolve_model
 
     with ws.session() as session:
         record, _ = repo.register_constitution(session, load_constitution(constitution_file))
@@ -81,31 +112,44 @@ def demo(
             first = repo.create_round(session, record, policy, config).id
         elif repo.get_round(session, first).constitution != record.ref:
             raise BadInput(f"--dir: {directory} holds another project's rounds; choose a fresh --dir")
-    loop_settings = LoopSettings.compose(
-        GenerateSettings(samples=samples, limit=prompts, max_new_tokens=max_new_tokens),
-        JudgeSettings(
-            judge_base_url=endpoint.judge_base_url,
-            judge_model=endpoint.judge_model,
-            timeout=600.0,
-            concurrency=1,
-            max_tokens=48,
-            rules_first=True,
-            max_judge_pairs=None if endpoint.judge_base_url else judge_pairs,
-        ),
-        eval_limit=eval_prompts,
-        train=TrainSettings(
-            dpo=TrainConfig(
-                num_train_epochs=epochs,
-                learning_rate=learning_rate,
-                per_device_train_batch_size=4,
-                save_steps=10,
+    with contextlib.ExitStack() as stack:
+        judge_base_url, judge_model = endpoint.judge_base_url, endpoint.judge_model
+        if on_llama_cpp:
+            err.print("starting llama.cpp's server on the embedded GGUF for the judge", highlight=False)
+            # Served under the embedded model's name, so the stored judge says which model it is.
+            judge_base_url = stack.enter_context(
+                llamacpp_server.llama_cpp_server(embedded_gguf(), model_alias=EMBEDDED_MODEL)
             )
-        ),
-        artifacts=directory,
-    )
-    quiet_libraries()
-    with RichProgress() as bars:
-        summaries = run_loop(ws, rounds, first, loop_settings, bars)
+            judge_model = EMBEDDED_MODEL
+        loop_settings = LoopSettings.compose(
+            GenerateSettings(samples=samples, limit=prompts, max_new_tokens=max_new_tokens),
+            JudgeSettings(
+                judge_base_url=judge_base_url,
+                judge_model=judge_model,
+                timeout=600.0,
+                concurrency=1,
+                # The in-process judge bounds the rationale alone and appends the verdict itself;
+                # a server writes the whole JSON object, which must fit, or it is unparseable.
+                max_tokens=128 if on_llama_cpp else 48,
+                rules_first=True,
+                # A capable remote judge sees every pair the rules leave; the embedded model,
+                # wherever it runs, takes seconds a call on these CPUs.
+                max_judge_pairs=None if endpoint.judge_base_url else judge_pairs,
+            ),
+            eval_limit=eval_prompts,
+            train=TrainSettings(
+                dpo=TrainConfig(
+                    num_train_epochs=epochs,
+                    learning_rate=learning_rate,
+                    per_device_train_batch_size=4,
+                    save_steps=10,
+                )
+            ),
+            artifacts=directory,
+        )
+        quiet_libraries()
+        with RichProgress() as bars:
+            summaries = run_loop(ws, rounds, first, loop_settings, bars)
     print_summaries(summaries, as_json=False)
     _explain(summaries, directory, database, endpoint.judge_base_url is None)
 
