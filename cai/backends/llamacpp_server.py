@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from cai.errors import BadInput
+from cai.net import free_port
 
 INSTALL = "pip install 'llama-cpp-python[server]'  (builds llama.cpp from source: minutes)"
 STARTUP_TIMEOUT_S = 120.0
@@ -33,12 +33,6 @@ def unavailable_reason() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"llama-cpp-python's server extra is missing {module} ({INSTALL})"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

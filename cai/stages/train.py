@@ -225,9 +225,9 @@ def run_train_launched(
 def _port_if_unset(accelerate_config: Path) -> list[str]:
     """A free rendezvous port for a one-machine launch whose config names none: accelerate's
     default (29500) may be taken by another launch on the same machine."""
-    import socket
-
     import yaml
+
+    from cai.net import free_port
 
     try:
         config = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
@@ -235,9 +235,7 @@ def _port_if_unset(accelerate_config: Path) -> list[str]:
         raise BadInput(f"{accelerate_config}: cannot read the accelerate config: {exc}") from None
     if config.get("main_process_port") or int(config.get("num_machines") or 1) > 1:
         return []
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return ["--main_process_port", str(probe.getsockname()[1])]
+    return ["--main_process_port", str(free_port())]
 
 
 def _report_steps(ws: Workspace, round_id: int, progress: Progress) -> None:
