@@ -16,7 +16,11 @@ from cai.backends import convert
 from cai.backends.base import ChatRequest, PermanentError, SampleRequest, SamplingParams
 from cai.backends.convert import build_atomically, ensure_local_model
 from cai.backends.hf import HFChat, HFSampler, answer_with_choice, decode, nucleus_floor
+from cai.constitution import load_constitution
+from cai.judge import ORDERS, pairwise_request
 from cai.registry import ModelRef
+from cai.templates import TemplateSet
+from tests.conftest import REPO
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
 # Session fixtures from tests/tiny_model.py; listing them marks the import as used (pytest finds
@@ -178,6 +182,54 @@ def test_choice_probabilities_come_after_the_models_own_rationale(chat: HFChat) 
     assert loaded.text(answer.tail_ids, strip=False) == '", "preferred": "'
     with pytest.raises(PermanentError, match="distinct"):
         answer_with_choice(loaded, prompt, "preferred", ("1", "10"), max_tokens=4)
+
+
+def judge_requests() -> list[ChatRequest]:
+    """Real pairwise judge requests (both orders of three pairs, two principles), then one with a
+    different prompt, then the first one twice: the last shares every token with the one before."""
+    constitution = load_constitution(REPO / "constitutions/concise-safe/v2.yaml").constitution
+    principles = [p for p in constitution.principles if p.kind == "llm"]
+    pairs = [
+        ("Name a colour.", "Red.", "Colours are many."),
+        ("2+2?", "4", "It is 5."),
+        ("Hi", "Hello!", "Go away."),
+    ]
+    judged = [
+        pairwise_request(TemplateSet(), constitution, principle, ask(prompt), a, b, order, max_tokens=10)[1]
+        for principle in principles
+        for prompt, a, b in pairs
+        for order in ORDERS
+    ]
+    return [*judged, PAIRWISE, judged[0], judged[0]]
+
+
+def test_prefix_cache_judges_exactly_as_without_it(tiny_model_dir: Path) -> None:
+    cached, plain = HFChat(tiny_model_dir), HFChat(tiny_model_dir, prefix_cache=False)
+    assert cached.prefix is not None and plain.prefix is None
+    loaded = cached._loaded
+    assert loaded is not None
+    head = loaded.tokenizer('{"rationale": "', add_special_tokens=False).input_ids
+    previous: list[int] = []
+    for request in judge_requests():
+        reused_before = cached.prefix.reused_tokens
+        got, expected = (asyncio.run(chat.complete(request)) for chat in (cached, plain))
+        assert (got.text, got.prompt_tokens, got.completion_tokens) == (
+            expected.text,
+            expected.prompt_tokens,
+            expected.completion_tokens,
+        )
+        assert got.choice_probs is not None and expected.choice_probs is not None
+        assert list(got.choice_probs.values()) == pytest.approx(
+            list(expected.choice_probs.values()), abs=1e-5
+        )
+        # Reused: the longest token prefix shared with the previous request, short of the last token.
+        opening = loaded.encode_chat(request.messages) + head
+        shared, most = 0, min(len(previous), len(opening) - 1)
+        while shared < most and previous[shared] == opening[shared]:
+            shared += 1
+        assert cached.prefix.reused_tokens - reused_before == shared
+        previous = opening
+    assert cached.prefix.reused_tokens > 40 * len(judge_requests())
 
 
 def test_chat_serialises_concurrent_requests_and_refuses_after_close(tiny_model_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """In-process transformers backends: HFSampler (batched policy sampling, one seed per request) and
-HFChat (the local judge, which also reads the choice's next-token probabilities)."""
+HFChat (the local judge, which also reads the choice's next-token probabilities and reuses the
+KV cache of the prompt prefix it shares with the previous request)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    DynamicLayer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -38,6 +41,7 @@ __all__ = [
     "HFChat",
     "HFSampler",
     "LoadedModel",
+    "PrefixCache",
     "answer_with_choice",
     "decode",
     "ensure_local_model",
@@ -247,7 +251,11 @@ class HFChat:
     choice's first token right after `"<choice_field>": "`, normalised over the choices. `text` is
     then the model's own text if it is a JSON object whose choice field holds one of the choices;
     otherwise a JSON object built from the rationale found in the text (or "") and the most
-    probable choice. `json_schema` is not enforced (no constrained decoding)."""
+    probable choice. `json_schema` is not enforced (no constrained decoding).
+
+    With `prefix_cache` (the default), choice requests reuse the KV cache of the longest token
+    prefix they share with the previous one (see PrefixCache); models whose cache cannot be cut
+    back (sliding-window or linear-attention layers) run without it."""
 
     def __init__(
         self,
@@ -256,9 +264,13 @@ class HFChat:
         dtype: torch.dtype | None = None,
         *,
         name: str | None = None,
+        prefix_cache: bool = True,
     ):
         self.model = name or str(model_dir_or_id)
         self._loaded: LoadedModel | None = LoadedModel(model_dir_or_id, device, dtype)
+        self.prefix: PrefixCache | None = (
+            PrefixCache() if prefix_cache and PrefixCache.supports(self._loaded.lm) else None
+        )
         self._lock = threading.Lock()
 
     async def complete(self, request: ChatRequest) -> ChatResult:
@@ -270,6 +282,7 @@ class HFChat:
     def _close(self) -> None:
         with self._lock:
             self._loaded = None
+            self.prefix = None
 
     def _complete(self, request: ChatRequest) -> ChatResult:
         with self._lock:
@@ -288,7 +301,7 @@ class HFChat:
         prompt = loaded.encode_chat(request.messages)
         if request.choice_field and request.choices:
             answer = answer_with_choice(
-                loaded, prompt, request.choice_field, request.choices, request.max_tokens
+                loaded, prompt, request.choice_field, request.choices, request.max_tokens, self.prefix
             )
             # The choice counts as one written token; the steering text around it does not.
             return ChatResult(answer.text, len(prompt), len(answer.rationale_ids) + 1, answer.probs)
@@ -304,6 +317,50 @@ class HFChat:
         return ChatResult(loaded.text(ids), len(prompt), len(ids), None)
 
 
+class PrefixCache:
+    """The KV cache of the last choice request's prompt, kept so that the next request runs only the
+    tokens after the longest token prefix the two share: every judge request of a round starts with
+    the same chat template and judge template opening. Token ids are compared, not text: the cached
+    keys and values at position i depend only on ids[: i + 1], so an equal id prefix has an equal
+    cache, whereas equal text may tokenize differently where it meets different text. The cache is
+    cut back in place (DynamicCache.crop), never copied."""
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._cache: DynamicCache | None = None
+        self.reused_tokens = 0
+        """Prompt tokens not run again, over all requests so far."""
+
+    @staticmethod
+    def supports(lm: PreTrainedModel) -> bool:
+        """Whether every layer keeps all past positions, so a crop restores an earlier state exactly."""
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=lm.config).layers)
+
+    def take(self, ids: list[int], config: PreTrainedConfig) -> tuple[DynamicCache, int]:
+        """A cache holding the first n tokens of `ids`, and n; the last token is always left to run,
+        for its logits. The stored cache is handed over, so a request that fails midway leaves
+        nothing half-extended behind; `keep` stores one again."""
+        cache, self._cache = self._cache, None
+        reused = common_prefix_length(self._ids, ids[:-1]) if cache is not None else 0
+        if cache is None or reused == 0:
+            return DynamicCache(config=config), 0
+        cache.crop(reused - cache.get_seq_length())  # a negative count removes from the end
+        self.reused_tokens += reused
+        return cache, reused
+
+    def keep(self, ids: list[int], cache: DynamicCache) -> None:
+        """Store `cache`, cut back to `ids`: the tokens the next request may share."""
+        cache.crop(len(ids) - cache.get_seq_length())
+        self._ids, self._cache = ids, cache
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # up to the shorter one
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
 @dataclass(frozen=True)
 class ChoiceAnswer:
     text: str
@@ -317,7 +374,12 @@ class ChoiceAnswer:
 
 @torch.inference_mode()
 def answer_with_choice(
-    loaded: LoadedModel, prompt: list[int], field: str, choices: Sequence[str], max_tokens: int
+    loaded: LoadedModel,
+    prompt: list[int],
+    field: str,
+    choices: Sequence[str],
+    max_tokens: int,
+    prefix: PrefixCache | None = None,
 ) -> ChoiceAnswer:
     """The answer and choice probabilities for a judge reply shaped
     `{"rationale": "...", "<field>": "<choice>"}`. The model is steered into that shape rather
@@ -326,16 +388,23 @@ def answer_with_choice(
     the next-token probabilities of each choice's first token, renormalised over the choices, are
     read in the same pass over the cache. The verdict is the most probable choice. A small model
     left to itself rarely writes valid JSON and often never stops, so this is both faster and
-    more faithful than parsing free text."""
+    more faithful than parsing free text. With `prefix`, the prompt's shared prefix is read from
+    there, and the prompt's cache is left there for the next request."""
     tokenizer = loaded.tokenizer
     first_ids = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]
     if len(set(first_ids)) < len(first_ids):
         raise PermanentError(f"choices {list(choices)} do not start with distinct tokens")
     head = tokenizer('{"rationale": "', add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt + head], device=loaded.device)
-    cache = DynamicCache(config=loaded.lm.config)
-    length = ids.shape[1]
-    out = loaded.forward(ids, torch.ones_like(ids), torch.arange(length, device=loaded.device)[None], cache)
+    opening = prompt + head
+    config = loaded.lm.config
+    cache, start = prefix.take(opening, config) if prefix is not None else (DynamicCache(config=config), 0)
+    length = len(opening)
+    out = loaded.forward(
+        torch.tensor([opening[start:]], device=loaded.device),
+        torch.ones((1, length), dtype=torch.long, device=loaded.device),
+        torch.arange(start, length, device=loaded.device)[None],
+        cache,
+    )
     written: list[int] = []
     while len(written) < max_tokens:
         token = int(out.logits[0, -1].argmax())
@@ -355,6 +424,8 @@ def answer_with_choice(
     mask = torch.ones((1, length + len(tail)), dtype=torch.long, device=loaded.device)
     positions = torch.arange(length, length + len(tail), device=loaded.device)[None]
     logits = loaded.forward(torch.tensor([tail], device=loaded.device), mask, positions, cache).logits[0, -1]
+    if prefix is not None:
+        prefix.keep(opening, cache)
     # Softmax over the choices' logits = the full softmax renormalised over them, without underflow.
     weights = torch.softmax(logits[first_ids].float(), dim=-1).tolist()
     probs = dict(zip(choices, weights, strict=True))
