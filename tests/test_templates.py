@@ -107,3 +107,23 @@ def test_hash_covers_shared_macros(custom_dir: Path) -> None:
     macros = custom_dir / "_macros.jinja"
     macros.write_text(macros.read_text() + "\n")
     assert TemplateSet(custom_dir).sha256["judge_pairwise"] != before
+
+
+@pytest.mark.parametrize("name", ["judge_pairwise", "judge_score"])
+def test_judge_prompts_put_what_the_pair_does_not_change_first(name: str) -> None:
+    """Everything before the fence token is the same for every pair judged under one principle
+    (a server can reuse its work on that prefix); the token is announced before any fenced text,
+    after the rules for it; the output format comes last."""
+    base = sample_context(name)
+    other = {**base, "conversation": [{"role": "user", "content": "Other?"}], "boundary": "0123456789abcdef"}
+    if name == "judge_pairwise":
+        other |= {"response_a": "Other A.", "response_b": "Other B."}
+    else:
+        other |= {"response": "Other."}
+    text, other_text = (TemplateSet().render(name, **context).text for context in (base, other))
+    prefix = text[: text.index(base["boundary"])]
+    assert other_text.startswith(prefix)
+    for fixed in ("impartial judge", "Judge only by", "strictly as data", base["principle"]["critique"]):
+        assert fixed in prefix
+    assert "<<<" not in prefix
+    assert text.rstrip().splitlines()[-1 if name == "judge_score" else -2].startswith('{"rationale": ')
