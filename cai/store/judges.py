@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from cai.store.models import (
@@ -38,9 +39,17 @@ RULES_JUDGE = JudgeConfig("rule", "rules", "rule", "0" * 64, {})
 
 
 def ensure_judge(session: Session, config: JudgeConfig) -> int:
-    row = session.scalar(select(JudgeRow).where(JudgeRow.config_sha256 == config.sha256))
-    if row is None:
-        row = JudgeRow(
+    """The id of the judge `config` describes, registered on first use. Workers that start on a
+    new judge at the same moment all insert it: the insert yields to whichever row lands first
+    (PostgreSQL waits for that transaction), so every worker gets the same id and none fails."""
+    by_sha = select(JudgeRow.id).where(JudgeRow.config_sha256 == config.sha256)
+    found = session.scalar(by_sha)
+    if found is not None:
+        return found
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    session.execute(
+        insert(JudgeRow)
+        .values(
             config_sha256=config.sha256,
             backend=config.backend,
             model=config.model,
@@ -49,9 +58,9 @@ def ensure_judge(session: Session, config: JudgeConfig) -> int:
             template_sha256=config.template_sha256,
             params=config.params,
         )
-        session.add(row)
-        session.flush()
-    return row.id
+        .on_conflict_do_nothing(index_elements=[JudgeRow.config_sha256])
+    )
+    return session.scalars(by_sha).one()
 
 
 def endpoint_features(session: Session, judge_id: int, base_url: str) -> dict[str, Any] | None:
