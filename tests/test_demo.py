@@ -27,6 +27,7 @@ def test_demo_trains_the_policy_toward_the_rules(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo"
     result = Cli("sqlite:///unused.db")("demo", "--dir", demo_dir)
     assert "Where to look next" in result.stdout and "decided by the constitution's rules" in result.stdout
+    assert all(f"time: {stage}" in result.stdout for stage in ("generate", "judge", "train", "eval", "total"))
 
     engine = make_engine(f"sqlite:///{demo_dir / 'cai.db'}")
     with session_scope(engine) as session:

@@ -72,6 +72,9 @@ def test_loop_chains_rounds_and_a_rerun_redoes_nothing(
         requests, counts = server.count, table_counts(engine)
         again = json.loads(cli(*loop_args(server, tmp_path), "--json").stdout)
         assert server.count == requests and table_counts(engine) == counts
+    # Each stage's wall time is reported by the run that did it; the rerun did nothing.
+    assert all(set(s.pop("stage_seconds")) == set(STEPS) for s in summaries)
+    assert all(s.pop("stage_seconds") == {} for s in again)
     assert again == summaries
     assert [s["status"] for s in summaries] == ["done", "done"]
     assert all(s["labels"] > 0 and s["wins_ties_losses"] for s in summaries)
@@ -88,7 +91,9 @@ def test_loop_chains_rounds_and_a_rerun_redoes_nothing(
     assert Path(second_policy.model_ref).is_relative_to(tmp_path / "runs" / f"round-{first}")
 
     longer = json.loads(cli(*loop_args(server_stub(), tmp_path, rounds=1), "--json").stdout)
-    assert longer == summaries[:1]  # a shorter chain is already finished: nothing runs
+    assert (
+        longer[0].pop("stage_seconds") == {} and longer == summaries[:1]
+    )  # a shorter chain is already finished: nothing runs
 
 
 def server_stub() -> Any:

@@ -115,6 +115,19 @@ def print_summaries(summaries: list[RoundSummary], as_json: bool) -> None:
             return "-"
         return f"{values[0]:{fmt}} -> {values[1]:{fmt}}"
 
+    # Wall time per stage this run did, so that everyone sees where the time went; a stage an
+    # earlier (resumed) run finished shows "-".
+    stages_timed = list(dict.fromkeys(stage for s in summaries for stage in s.stage_seconds))
+    if stages_timed:
+        stages_timed.append("total")
+
+    def stage_time(stage: str) -> Callable[[RoundSummary], str]:
+        def cell(s: RoundSummary) -> str:
+            seconds = sum(s.stage_seconds.values()) if stage == "total" else s.stage_seconds.get(stage)
+            return "-" if seconds is None or not s.stage_seconds else f"{seconds / 60:.1f} min"
+
+        return cell
+
     # One column per round, one row per figure: stays readable in an 80-column terminal.
     table = Table("", *(f"round {s.round_id}" for s in summaries), title="cai loop: per round")
     rows: list[tuple[str, Callable[[RoundSummary], str]]] = [
@@ -135,6 +148,7 @@ def print_summaries(summaries: list[RoundSummary], as_json: bool) -> None:
         ("eval win rate", lambda s: pct(s.win_rate)),
         ("eval mean words", lambda s: pair(s.mean_words, ".1f")),
         ("eval all rules pass", lambda s: pair(s.all_rules_pass, ".0%")),
+        *((f"time: {stage}", stage_time(stage)) for stage in stages_timed),
     ]
     for name, cell in rows:
         table.add_row(name, *(cell(s) for s in summaries))

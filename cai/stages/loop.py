@@ -4,6 +4,8 @@ a rerun resumes; every stage skips what is stored, so nothing is redone."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,10 +49,11 @@ def run_loop(
             raise BadInput("no rounds yet: start one (cai round start -c NAME@VERSION), then run the loop")
         repo.get_round(session, first)  # unknown id: bad input
     done: list[int] = []
+    seconds: dict[int, dict[str, float]] = {}
     current: int | None = first
     while current is not None and len(done) < rounds:
         done.append(current)
-        finish_round(ws, current, settings, progress, train)
+        seconds[current] = finish_round(ws, current, settings, progress, train)
         if len(done) == rounds:
             break
         with ws.session() as session:
@@ -59,7 +62,10 @@ def run_loop(
                 current = chain.start_next_round(session, done[-1])
                 progress.note(f"round {current} started from round {done[-1]}'s trained policy")
     with ws.session() as session:
-        return [chain.round_summary(session, round_id) for round_id in done]
+        return [
+            dataclasses.replace(chain.round_summary(session, round_id), stage_seconds=seconds[round_id])
+            for round_id in done
+        ]
 
 
 def finish_round(
@@ -68,15 +74,19 @@ def finish_round(
     settings: LoopSettings,
     progress: Progress,
     train: Trainer = run_train,
-) -> None:
+) -> dict[str, float]:
+    """Run the stages `round_id` has left; returns each one's wall time in seconds."""
     with ws.session() as session:
         round_ = repo.get_round(session, round_id)
     todo = steps_left(round_.status, round_.failed_step)
     if todo:
         progress.note(f"round {round_id}: {round_.status} -> {' -> '.join(todo)}")
+    seconds: dict[str, float] = {}
     for stage in todo:
         check(progress, f"before round {round_id}'s {stage} stage")
+        started = time.perf_counter()
         _run_stage(ws, round_id, stage, settings, progress, train)
+        seconds[str(stage)] = time.perf_counter() - started
         with ws.session() as session:
             status = repo.get_round(session, round_id).status
         if status != FINISHED_BY[stage]:
@@ -84,6 +94,7 @@ def finish_round(
                 f"round {round_id}: {stage} stopped with the round at '{status}' "
                 "(see the messages above); run the loop again to resume"
             )
+    return seconds
 
 
 def _run_stage(

@@ -71,6 +71,8 @@ class RoundSummary:
     mean_words: tuple[float | None, float | None] | None = None
     """(baseline, candidate) on the eval prompts."""
     all_rules_pass: tuple[float | None, float | None] | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each stage this run of the loop did (none for stages an earlier run finished)."""
 
     @property
     def flip_rate(self) -> float | None:
