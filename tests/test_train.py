@@ -206,15 +206,6 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_model_dir: Path, tmp_pat
     assert "sigmoid" in trl_loss_types() and "ipo" in trl_loss_types()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
-def test_lora_without_peft_says_how_to_install_it(
-    tiny_model_dir: Path, snapshot: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(BadInput, match="pip install peft"):
-        train_dpo(snapshot, tiny_model_dir, tmp_path / "out", TrainConfig(lora_r=4))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
 def test_lora_trains_adapters_only_and_saves_a_merged_model(
     tiny_model_dir: Path, snapshot: Path, tmp_path: Path
 ) -> None:

@@ -153,11 +153,14 @@ def quiet_libraries() -> None:
     """cai shows one progress bar per stage; the libraries' own bars (tokenizing, loading and
     writing weights) and a deprecation warning transformers raises from its own code would
     bury it."""
+    import os
     import warnings
 
     import datasets
     import transformers
 
+    # TRL's bar over the reference log-probs (precompute_ref_log_probs) reads only this variable.
+    os.environ["TQDM_DISABLE"] = "1"
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
