@@ -4,8 +4,10 @@ pairwise verdicts, and aggregate both orders into a label."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,10 +176,11 @@ def revise_request(
 def extract_json(text: str) -> dict[str, Any]:
     """The first JSON object in `text`: whole, inside a code fence, or embedded in prose."""
     stripped = text.strip()
-    candidates = [stripped]
-    candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
-    candidates += _balanced_objects(text)
-    for candidate in candidates:
+    # Lazily: most replies are a bare object, and scanning for embedded ones costs more than parsing.
+    fenced = (
+        match.group(1) for match in re.finditer(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
+    )
+    for candidate in itertools.chain((stripped,), fenced, _balanced_objects(text)):
         try:
             value = json.loads(candidate)
         except (json.JSONDecodeError, RecursionError):
@@ -189,8 +192,8 @@ def extract_json(text: str) -> dict[str, Any]:
     raise ParseError("no JSON object in the reply" + (" (truncated?)" if "{" in text else ""))
 
 
-def _balanced_objects(text: str) -> list[str]:
-    objects, depth, start, in_string, escaped = [], 0, -1, False, False
+def _balanced_objects(text: str) -> Iterator[str]:
+    depth, start, in_string, escaped = 0, -1, False, False
     for i, char in enumerate(text):
         if in_string:
             if escaped:
@@ -208,8 +211,7 @@ def _balanced_objects(text: str) -> list[str]:
         elif char == "}" and depth > 0:
             depth -= 1
             if depth == 0:
-                objects.append(text[start : i + 1])
-    return objects
+                yield text[start : i + 1]
 
 
 def parse_pairwise(text: str, order: str, choice_probs: dict[str, float] | None = None) -> Verdict:

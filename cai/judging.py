@@ -1,17 +1,20 @@
 """Runs a judge over a round: claim pending items, call the backend with bounded concurrency and
 retries, write results as they arrive (batching whatever arrives during a write), then aggregate
-labels. A killed run loses only its in-flight requests, at most `concurrency` of them; the next run
-(or another worker) picks up everything else."""
+labels. A killed run loses only its in-flight requests, at most `concurrency` of them; the next
+run (or another worker) picks up everything else."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
 
 from cai.backends.base import (
     ChatBackend,
@@ -34,7 +37,6 @@ from cai.judge import (
     score_request,
 )
 from cai.store import claims, queue
-from cai.store.db import session_scope
 from cai.templates import TemplateSet
 
 
@@ -51,8 +53,6 @@ class JudgeOptions:
     price_out_per_mtok: float | None = None
     retry_failed: bool = False
     """Also retry items that failed to parse or were refused (transient failures always are)."""
-    wake_every_s: float = 0.25
-    """How often the run looks at stop requests while every request is still out."""
     max_tokens: int = 384
     rules_first: bool = False
     """Skip the LLM judge on pairs the rule principles already separate (see plan_judgments)."""
@@ -72,6 +72,7 @@ class JudgeOptions:
 
 
 Parser = Callable[[ChatResult], Parsed]
+T = TypeVar("T")
 
 
 def pairwise_parser(order: str) -> Parser:
@@ -162,77 +163,128 @@ class JudgeRun:
     worker: str = field(default_factory=claims.new_worker_id)
     """Who the claims are made as (a job passes its owner's id)."""
     should_stop: Callable[[], bool] | None = None
-    """Asked between results: True stops claiming; in-flight requests finish and are stored."""
+    """Asked before each item is started: True stops claiming; in-flight requests finish and are
+    stored."""
 
     def __post_init__(self) -> None:
         self.stats = RunStats()
+        self._buffer: deque[queue.WorkItem] = deque()
+        self._claiming: asyncio.Future[list[queue.WorkItem]] | None = None
+        self._exhausted = False
         self._results: list[queue.JudgmentResult] = []
+        """The next batch to write; `_written` resolves once it is written."""
+        self._written: asyncio.Future[None] | None = None
+        self._writing = False
+        # One factory for the run's many claims and writes: a session of a new factory (which
+        # session_scope makes per call) costs about as much CPU as a claim.
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     async def run(self) -> RunStats:
-        """Judge until nothing is left to claim (or the budget is spent). Claims and writes run
-        in background threads so that judge requests never wait on the database."""
+        """Judge until nothing is left to claim (or the budget is spent). `concurrency` workers
+        each take an item, judge it and wait for its result to be written; claims and writes run
+        in a background thread, in batches, so that judge requests never wait on the database."""
         started = time.perf_counter()
-        options = self.options
-        buffer: list[queue.WorkItem] = []
-        # Futures of three kinds share one wait: judge calls, a claim, a write.
-        in_flight: set[asyncio.Future[Any]] = set()
-        claiming: asyncio.Future[Any] | None = None
-        flushing: asyncio.Future[Any] | None = None
-        writing = 0  # results in the write under way
-        exhausted = stopping = False
+        # One thread for claims and writes, so that they never wait on each other's locks
+        # (SQLite's is the whole database, and its busy wait sleeps in steps of up to 100 ms).
+        self._database = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge-db")
+        workers = [asyncio.ensure_future(self._work()) for _ in range(self.options.concurrency)]
         try:
-            while True:
-                if claiming is None and not (exhausted or stopping) and len(buffer) < options.concurrency:
-                    claiming = asyncio.ensure_future(
-                        asyncio.to_thread(self._claim, 2 * options.concurrency - len(buffer))
-                    )
-                if claiming is not None and claiming.done():
-                    claimed = claiming.result()
-                    claiming, exhausted = None, not claimed
-                    buffer += claimed
-                # A slot frees when its result is written, not when it arrives: a killed run
-                # then loses at most `concurrency` answered-or-asked requests.
-                while (
-                    buffer
-                    and not stopping
-                    and len(in_flight) + len(self._results) + writing < options.concurrency
-                ):
-                    in_flight.add(asyncio.ensure_future(self._judge(buffer.pop(0))))
-                if not in_flight and claiming is None and (not buffer or stopping):
-                    break
-                waiting = set(in_flight) | {f for f in (claiming, flushing) if f is not None}
-                done, _ = await asyncio.wait(
-                    waiting, timeout=options.wake_every_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done & in_flight:
-                    in_flight.discard(task)
-                    self._collect(*task.result())
-                if options.budget_usd is not None and self.stats.spent_usd >= options.budget_usd:
-                    stopping = self.stats.stopped_by_budget = True
-                if not stopping and self.should_stop is not None and self.should_stop():
-                    stopping = self.stats.stopped_on_request = True
-                if flushing is not None and flushing.done():
-                    flushing.result()  # surface a failed write
-                    flushing, writing = None, 0
-                # Write as soon as results are in; what arrives during a write is the next batch.
-                if flushing is None and self._results:
-                    batch, self._results = self._results, []
-                    flushing, writing = (
-                        asyncio.ensure_future(asyncio.to_thread(self._write, batch)),
-                        len(batch),
-                    )
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for worker in done:
+                worker.result()  # surface a failed claim, write or render
         finally:
-            for task in in_flight:
-                task.cancel()
-            if flushing is not None:
-                await flushing
-            if claiming is not None:
-                await asyncio.gather(claiming, return_exceptions=True)
-            batch, self._results = self._results, []
-            await asyncio.to_thread(self._write, batch)
-            await asyncio.to_thread(self._release)
+            for worker in workers:
+                worker.cancel()
+            await asyncio.wait(workers)
+            await self._settle()
         self.stats.wall_s = time.perf_counter() - started
         return self.stats
+
+    async def _work(self) -> None:
+        # A slot frees when its result is written, not when it arrives: a killed run then loses
+        # at most `concurrency` answered-or-asked requests.
+        while (item := await self._next_item()) is not None:
+            await self._store(self._collect(*await self._judge(item)))
+
+    async def _next_item(self) -> queue.WorkItem | None:
+        """The next claimed item, claiming more in the background as the buffer runs low; None
+        once nothing is left to claim or the run is stopping."""
+        while not self._stopping():
+            if self._claiming is not None and self._claiming.done():
+                claimed = self._claiming.result()  # surface a failed claim
+                self._claiming, self._exhausted = None, not claimed
+                self._buffer.extend(claimed)
+            self._claim_more()
+            if self._buffer:
+                return self._buffer.popleft()
+            if self._claiming is None:
+                return None
+            # asyncio.wait, not await: a cancelled worker must not cancel the claim under way.
+            await asyncio.wait((self._claiming,))
+        return None
+
+    def _claim_more(self) -> None:
+        """Once fewer than `concurrency` items are left, claim up to twice that many ahead."""
+        if self._claiming is None and not self._exhausted and len(self._buffer) < self.options.concurrency:
+            wanted = 2 * self.options.concurrency - len(self._buffer)
+            loop = asyncio.get_running_loop()
+            self._claiming = loop.run_in_executor(self._database, self._claim, wanted)
+
+    def _stopping(self) -> bool:
+        stats, budget = self.stats, self.options.budget_usd
+        if budget is not None and stats.spent_usd >= budget:
+            stats.stopped_by_budget = True
+        if not stats.stopped_by_budget and not stats.stopped_on_request and self.should_stop is not None:
+            stats.stopped_on_request = self.should_stop()
+        return stats.stopped_by_budget or stats.stopped_on_request
+
+    def _store(self, result: queue.JudgmentResult) -> asyncio.Future[None]:
+        """Queue `result` for writing; the future resolves once it is written. All workers are
+        cancelled together, so one cancelling the shared future cancels no other's wait."""
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
+        written = self._written
+        self._results.append(result)
+        self._write_batch()
+        return written
+
+    def _write_batch(self) -> None:
+        """Hand the queued results to the database thread, unless it is writing: what arrives
+        during a write is the next batch, handed over when that write is back."""
+        if self._writing or not self._results:
+            return
+        batch, written = self._results, self._written
+        assert written is not None  # made with the batch's first result
+        self._results, self._written, self._writing = [], None, True
+        loop = asyncio.get_running_loop()
+        self._database.submit(self._write, batch).add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._written_back, written, done.exception())
+        )
+
+    def _written_back(self, written: asyncio.Future[None], error: BaseException | None) -> None:
+        self._writing = False
+        if written.cancelled():  # the run is over: _settle writes the rest
+            return
+        if error is not None:
+            written.set_exception(error)  # its workers fail, and so the run
+            return
+        written.set_result(None)
+        self._write_batch()
+
+    async def _settle(self) -> None:
+        """After the workers: write what is left and give back the claims not judged, after the
+        claim and the write under way (the database thread takes its work in order)."""
+        batch, self._results = self._results, []
+        try:
+            await self._in_database(self._write, batch)
+            await self._in_database(self._release)
+        finally:
+            self._database.shutdown()
+            if self._claiming is not None:
+                await asyncio.gather(self._claiming, return_exceptions=True)
+
+    async def _in_database(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._database, call, *args)
 
     async def _judge(self, item: queue.WorkItem) -> tuple[queue.WorkItem, Outcome, str]:
         principle = self.constitution.principle(item.principle_key)
@@ -256,7 +308,7 @@ class JudgeRun:
         outcome = await judge_once(self.backend, request, parse, self.options)
         return item, outcome, rendered.request_sha256
 
-    def _collect(self, item: queue.WorkItem, outcome: Outcome, request_sha256: str) -> None:
+    def _collect(self, item: queue.WorkItem, outcome: Outcome, request_sha256: str) -> queue.JudgmentResult:
         cost = self.options.cost(outcome.prompt_tokens, outcome.completion_tokens)
         self.stats.spent_usd += cost or 0.0
         if outcome.parsed is not None:
@@ -266,36 +318,34 @@ class JudgeRun:
             kind = outcome.error_kind or "unknown"
             self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
             self.stats.last_error = outcome.error
-        self._results.append(
-            queue.JudgmentResult(
-                judgment_id=item.judgment_id,
-                status="ok" if outcome.parsed is not None else "failed",
-                attempts=outcome.attempts,
-                raw_output=outcome.raw_output,
-                request_sha256=request_sha256,
-                parsed=outcome.parsed,
-                error=outcome.error,
-                error_kind=outcome.error_kind,
-                latency_ms=outcome.latency_ms,
-                prompt_tokens=outcome.prompt_tokens,
-                completion_tokens=outcome.completion_tokens,
-                cost_usd=cost,
-            )
-        )
         if self.on_result:
             self.on_result(self.stats)
+        return queue.JudgmentResult(
+            judgment_id=item.judgment_id,
+            status="ok" if outcome.parsed is not None else "failed",
+            attempts=outcome.attempts,
+            raw_output=outcome.raw_output,
+            request_sha256=request_sha256,
+            parsed=outcome.parsed,
+            error=outcome.error,
+            error_kind=outcome.error_kind,
+            latency_ms=outcome.latency_ms,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            cost_usd=cost,
+        )
 
     def _claim(self, n: int) -> list[queue.WorkItem]:
-        with session_scope(self.engine) as session:
+        with self._sessions.begin() as session:
             return queue.claim(
                 session, self.round_id, self.judge_id, self.worker, n, self.options.lease_s, self.evaluation
             )
 
     def _write(self, results: list[queue.JudgmentResult]) -> None:
         if results:
-            with session_scope(self.engine) as session:
+            with self._sessions.begin() as session:
                 queue.record(session, self.worker, results)
 
     def _release(self) -> None:
-        with session_scope(self.engine) as session:
+        with self._sessions.begin() as session:
             queue.release(session, self.worker)

@@ -329,6 +329,18 @@ def test_exhausted_retries_are_recorded_with_reason_and_raw_text(
     assert outcome.attempts == (1 if kind == "permanent" else 3)
 
 
+def test_logprobs_are_read_up_to_the_first_malformed_token() -> None:
+    """The reply is parsed from its JSON as it is: malformed logprobs cost the verdict its
+    probabilities, never the verdict itself."""
+    verdict = json.dumps({"rationale": "Only A is GOOD.", "preferred": "A"})
+    message = {"role": "assistant", "content": verdict}
+    malformed = {"content": [{"token": '{"', "logprob": -0.1, "top_logprobs": []}, {"token": None}]}
+    body = {"choices": [{"index": 0, "finish_reason": "stop", "message": message, "logprobs": malformed}]}
+    outcome = judge_against(fake.json_body(body))
+    assert isinstance(outcome.parsed, Verdict) and outcome.parsed.verdict == "A"
+    assert outcome.parsed.choice_probs is None and outcome.attempts == 1
+
+
 def test_retry_after_is_honoured() -> None:
     async def go() -> float:
         with fake.FakeOpenAI(fake.prefer_marker(GOOD)) as server:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,7 +92,7 @@ def schema_instruction(schema: dict[str, Any]) -> str:
 
 
 def choice_probs_from_logprobs(
-    text: str, tokens: list[tuple[str, list[tuple[str, float]]]], field: str, choices: tuple[str, ...]
+    text: str, tokens: Iterable[tuple[str, list[tuple[str, float]]]], field: str, choices: tuple[str, ...]
 ) -> dict[str, float] | None:
     """The normalised probabilities of `choices` as the value of JSON field `field` in `text`,
     read from the top alternatives at the token where that value starts. `tokens` are the reply's

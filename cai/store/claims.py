@@ -10,7 +10,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cai.store.models import utcnow
@@ -24,21 +24,50 @@ def claim_ids(session: Session, row: Any, worker: str, n: int, lease_s: float, *
     """Lease up to n pending `row` items matching `where` that are unclaimed or whose lease ran
     out, oldest first, to `worker`: one UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
     LOCKED), so concurrent workers never take the same item."""
-    now = utcnow()
+    return claim(session, claim_statement(row, *where), worker, n, lease_s)
+
+
+def claim_statement(row: Any, *where: Any) -> Any:
+    """The UPDATE of `claim_ids`, its worker, count and times left as bind parameters: a caller
+    that claims often builds it once (building it costs more than running it)."""
     free = (
         select(row.id)
-        .where(row.status == "pending", or_(row.claimed_until.is_(None), row.claimed_until < now), *where)
+        .where(
+            row.status == "pending",
+            or_(row.claimed_until.is_(None), row.claimed_until < bindparam("lease_now")),
+            *where,
+        )
         .order_by(row.id)
-        .limit(n)
+        .limit(bindparam("lease_n"))
         .with_for_update(skip_locked=True)
     )
+    return (
+        update(row)
+        .where(row.id.in_(free))
+        .values(claimed_by=bindparam("lease_worker"), claimed_until=bindparam("lease_until"))
+        .returning(row.id)
+    )
+
+
+def claim(
+    session: Session | Connection,
+    statement: Any,
+    worker: str,
+    n: int,
+    lease_s: float,
+    params: dict[str, Any] | None = None,
+) -> list[int]:
+    """Run a `claim_statement` (with `params` for the bind parameters of its `where`)."""
+    now = utcnow()
+    values = {
+        "lease_now": now,
+        "lease_until": now + timedelta(seconds=lease_s),
+        "lease_worker": worker,
+        "lease_n": n,
+    }
     return list(
         session.scalars(
-            update(row)
-            .where(row.id.in_(free))
-            .values(claimed_by=worker, claimed_until=now + timedelta(seconds=lease_s))
-            .returning(row.id),
-            execution_options={"synchronize_session": False},
+            statement, values | (params or {}), execution_options={"synchronize_session": False}
         ).all()
     )
 

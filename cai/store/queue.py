@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, or_, select, update
+from sqlalchemy import BindParameter, Integer, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from cai.constitution import Constitution
@@ -28,7 +29,7 @@ from cai.store.models import (
 from cai.store.samples import EVAL_KIND
 
 
-def in_round(round_id: int, evaluation: bool = False) -> Any:
+def in_round(round_id: int | BindParameter[int], evaluation: bool = False) -> Any:
     """Judgments of a round's labeling work (about one of its pairs or responses), or with
     `evaluation` of its head-to-head evaluation."""
     if evaluation:
@@ -318,12 +319,31 @@ def claim(
     evaluation: bool = False,
 ) -> list[WorkItem]:
     """Take up to n pending, unclaimed (or lease-expired) items of this round for `worker`."""
-    where = (JudgmentRow.judge_id == judge_id, in_round(round_id, evaluation))
-    claimed = claims.claim_ids(session, JudgmentRow, worker, n, lease_s, *where)
+    # On the session's connection: these rows are read, never loaded as ORM objects.
+    connection = session.connection()
+    params = {"of_round": round_id, "of_judge": judge_id}
+    claimed = claims.claim(connection, _claim_statement(evaluation), worker, n, lease_s, params)
     if not claimed:
         return []
+    return [WorkItem(*row) for row in connection.execute(_claimed_items(), {"ids": claimed})]
+
+
+@functools.cache
+def _claim_statement(evaluation: bool) -> Any:
+    """Built once, like `_claimed_items` and `_record_statement`: building them costs more CPU
+    than running them."""
+    where = (
+        JudgmentRow.judge_id == bindparam("of_judge"),
+        in_round(bindparam("of_round", type_=Integer), evaluation),
+    )
+    return claims.claim_statement(JudgmentRow, *where)
+
+
+@functools.cache
+def _claimed_items() -> Any:
+    """What the judgments `ids` need to be rendered, as WorkItem fields."""
     a, b, single = aliased(ResponseRow), aliased(ResponseRow), aliased(ResponseRow)
-    rows = session.execute(
+    return (
         select(
             JudgmentRow.id,
             JudgmentRow.order,
@@ -341,10 +361,9 @@ def claim(
         .outerjoin(b, b.id == PairRow.response_b_id)
         .outerjoin(single, single.id == JudgmentRow.response_id)
         .join(PromptRow, PromptRow.id == func.coalesce(PairRow.prompt_id, single.prompt_id))
-        .where(JudgmentRow.id.in_(claimed))
+        .where(JudgmentRow.id.in_(bindparam("ids", expanding=True)))
         .order_by(JudgmentRow.id)
-    ).all()
-    return [WorkItem(*row) for row in rows]
+    )
 
 
 def release(session: Session, worker: str) -> int:
@@ -392,7 +411,6 @@ def record(session: Session, worker: str, results: list[JudgmentResult]) -> None
     was lost to another worker is left alone (no double writes)."""
     if not results:
         return
-    table = cast(Table, JudgmentRow.__table__)
     rows = []
     # In id order, so that two writers of overlapping rows lock them in the same order.
     for r in sorted(results, key=lambda r: r.judgment_id):
@@ -411,12 +429,21 @@ def record(session: Session, worker: str, results: list[JudgmentResult]) -> None
         )
         if r.parsed is not None:
             row.update(r.parsed.columns())
-        rows.append({f"new_{key}": value for key, value in row.items()} | {"judgment_id": r.judgment_id})
-    statement = (
+        rows.append(
+            {f"new_{key}": value for key, value in row.items()}
+            | {"judgment_id": r.judgment_id, "worker": worker}
+        )
+    session.connection().execute(_record_statement(), rows)
+
+
+@functools.cache
+def _record_statement() -> Any:
+    table = cast(Table, JudgmentRow.__table__)
+    return (
         update(table)
         .where(
             table.c.id == bindparam("judgment_id"),
-            table.c.claimed_by == worker,
+            table.c.claimed_by == bindparam("worker"),
             table.c.status == "pending",
         )
         .values(
@@ -424,7 +451,6 @@ def record(session: Session, worker: str, results: list[JudgmentResult]) -> None
             | {"claimed_by": None, "claimed_until": None}
         )
     )
-    session.connection().execute(statement, rows)
 
 
 def pending_count(session: Session, round_id: int, judge_id: int, evaluation: bool = False) -> int:
