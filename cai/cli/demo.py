@@ -50,7 +50,7 @@ def demo(
     # Measured: 3 epochs at 5e-5 took 66.8 -> 15.0 words but collapsed into short nonsense (the
     # rules reward brevity, and a 135M judge cannot object); one epoch moves it less, and sanely.
     epochs: float = typer.Option(1.0, "--epochs", min=0.1, help="DPO epochs over the round's pairs."),
-    learning_rate: float = typer.Option(3e-5, "--lr", min=0.0),
+    learning_rate: float = typer.Option(5e-4, "--lr", min=0.0, help="DPO learning rate (of LoRA adapters)."),
     judge_server: JudgeServer = typer.Option(
         JudgeServer.IN_PROCESS,
         "--judge-server",
@@ -138,11 +138,16 @@ def demo(
             ),
             eval_limit=eval_prompts,
             train=TrainSettings(
+                # LoRA adapters (merged after training): no gradients or optimizer state for
+                # the 135M base weights, and the reference is the base with adapters off, so a
+                # step costs far less on a CPU than full fine-tuning (bench/train.py).
                 dpo=TrainConfig(
                     num_train_epochs=epochs,
                     learning_rate=learning_rate,
                     per_device_train_batch_size=4,
                     save_steps=10,
+                    lora_r=16,
+                    lora_alpha=32,
                 )
             ),
             artifacts=directory,
