@@ -66,8 +66,9 @@ def demo(
     """Run the loop end to end, offline: register the shipped concise-safe@2 constitution and
     prompt set in a fresh SQLite database under --dir, start a round with the embedded
     SmolLM2-135M-Instruct, then generate, judge (rules in code, the embedded model for the
-    judged principles), export, train with DPO, and compare the trained policy with its parent
-    on held-out prompts. About 10 minutes on 2 CPU cores. Rerun it to resume. With
+    judged principles), export, train LoRA adapters with DPO, and compare the trained policy with
+    its parent on held-out prompts. About 9 minutes on 2 CPU cores, each stage's time shown at the
+    end. Rerun it to resume. With
     --judge-server llama.cpp the same embedded model judges from behind llama.cpp's server."""
     from cai.backends import llamacpp_server
     from cai.cli.loop import print_summaries
