@@ -34,40 +34,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cai.backends.base import ChatRequest, ChatResult  # noqa: E402
+from bench.judge_servers import gold_requests  # noqa: E402
+from cai.backends.base import ChatResult  # noqa: E402
 from cai.backends.hf import HFChat, ensure_local_model  # noqa: E402
-from cai.calibrate import default_gold, load_pairs  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
-from cai.judge import ORDERS, pairwise_request  # noqa: E402
 from cai.registry import EMBEDDED_MODEL, resolve_model  # noqa: E402
-from cai.templates import TemplateSet  # noqa: E402
-
-CONSTITUTION = REPO / "constitutions/helpful-harmless/v1.yaml"
-
-
-def gold_requests(pairs: int, max_tokens: int) -> tuple[list[ChatRequest], ChatRequest]:
-    """Both orders of `pairs` gold pairs spread over the principles, and a warm-up request from
-    the last gold pair, which the timed set leaves out."""
-    constitution = load_constitution(CONSTITUTION).constitution
-    gold = load_pairs(default_gold(), "better", "worse", constitution)
-    by_id = {p.id: p for p in constitution.principles}
-    templates = TemplateSet()
-    chosen = gold[: len(gold) - 1 : max(1, (len(gold) - 1) // pairs)][:pairs]
-    requests = [
-        pairwise_request(
-            templates,
-            constitution,
-            by_id[pair.principle],
-            [{"role": "user", "content": pair.prompt}],
-            pair.better,
-            pair.worse,
-            order,
-            max_tokens,
-        )[1]
-        for pair in [*chosen, gold[-1]]
-        for order in ORDERS
-    ]
-    return requests[:-2], requests[-1]
 
 
 def main() -> None:
@@ -76,7 +46,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="judge reply limit (cai demo's)")
     args = parser.parse_args()
 
-    requests, warm_up = gold_requests(args.pairs, args.max_tokens)
+    requests = [request for request, _ in gold_requests(args.pairs, args.max_tokens)]
+    # The last gold pair, which the timed set leaves out.
+    warm_up = gold_requests(1, args.max_tokens, warm_up=True)[-1][0]
     model_dir = ensure_local_model(resolve_model(EMBEDDED_MODEL))
     judges = {
         "without": HFChat(model_dir, name=EMBEDDED_MODEL, prefix_cache=False),
