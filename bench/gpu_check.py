@@ -184,6 +184,7 @@ def dpo_part(plan: Plan, model_dir: Path, tmp: Path, gpu: bool) -> dict[str, Any
 
 
 def sampling_part(plan: Plan, model_dir: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    from bench.sampling import generate
     from cai.backends.base import SampleRequest, SamplingParams
     from cai.backends.hf import HFSampler
 
@@ -195,8 +196,9 @@ def sampling_part(plan: Plan, model_dir: Path, device: str, dtype: torch.dtype) 
         )
         for i in range(plan.sample_batch)
     ]
+    prompts = [sampler.loaded.encode_chat(r.messages) for r in requests]
     sampler.sample(requests[:2], SamplingParams(max_new_tokens=4))  # warm-up
-    batched_generate(sampler, requests[:2], SamplingParams(max_new_tokens=4))
+    generate(sampler, prompts[:2], SamplingParams(max_new_tokens=4))
     sync(device)
     start = time.perf_counter()
     samples = sampler.sample(requests, params)
@@ -204,7 +206,7 @@ def sampling_part(plan: Plan, model_dir: Path, device: str, dtype: torch.dtype) 
     cai_s = time.perf_counter() - start
     cai_tokens = sum(s.completion_tokens or 0 for s in samples)
     start = time.perf_counter()
-    generate_tokens = batched_generate(sampler, requests, params)
+    generate_tokens = generate(sampler, prompts, params)
     sync(device)
     generate_s = time.perf_counter() - start
     cai_rate, generate_rate = cai_tokens / cai_s, generate_tokens / generate_s
@@ -219,29 +221,6 @@ def sampling_part(plan: Plan, model_dir: Path, device: str, dtype: torch.dtype) 
         },
         "ratio_hf_sampler_over_generate": round(cai_rate / generate_rate, 3),
     }
-
-
-def batched_generate(sampler: Any, requests: list[Any], params: Any) -> int:
-    """Plain `generate` on all `requests` in one left-padded batch; returns the tokens generated
-    (each row up to and including its first stop token)."""
-    loaded = sampler.loaded
-    prompts = [loaded.encode_chat(r.messages) for r in requests]
-    batch = loaded.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(loaded.device)
-    torch.manual_seed(0)
-    out = loaded.lm.generate(
-        **batch,
-        do_sample=True,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=0,  # generate's default top_k=50 would sample from another distribution
-        max_new_tokens=params.max_new_tokens,
-        pad_token_id=loaded.pad_id,
-    )
-    generated = 0
-    for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        stops = [i for i, token in enumerate(row) if token in loaded.stop_ids]
-        generated += stops[0] + 1 if stops else len(row)
-    return generated
 
 
 def judge_part(plan: Plan, model_dir: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:

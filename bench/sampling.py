@@ -42,7 +42,7 @@ def generate(sampler: HFSampler, prompts: list[list[int]], params: SamplingParam
     """One plain `generate` call on `prompts`, left-padded into one batch; returns the number of
     tokens generated, each row counted up to its first stop token (inclusive)."""
     loaded = sampler.loaded
-    batch = loaded.tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # pads on the left
+    batch = loaded.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(loaded.device)  # left
     out = loaded.lm.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
