@@ -271,7 +271,7 @@ def environment(device: str) -> dict[str, Any]:
     import transformers
     import trl
 
-    info = {
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -280,7 +280,6 @@ def environment(device: str) -> dict[str, Any]:
         if device.startswith("cuda")
         else platform.processor() or "cpu",
     }
-    return info
 
 
 def main() -> None:
