@@ -182,7 +182,7 @@ async def judged(
     return stats.wall_s
 
 
-def _serve(latency: float, conn: Connection) -> None:
+def serve_loopback(latency: float, conn: Connection) -> None:
     """Run the fake server in its own process: a real judge server does not share our GIL."""
     with FakeOpenAI(prefer_marker("GOOD"), latency=latency) as server:
         conn.send(server.base_url)
@@ -235,7 +235,7 @@ def main() -> None:
     name = "custom" if custom else args.setting
     latency, concurrency = setting.latency, setting.concurrency
     parent, child = multiprocessing.Pipe()
-    server = multiprocessing.Process(target=_serve, args=(latency, child), daemon=True)
+    server = multiprocessing.Process(target=serve_loopback, args=(latency, child), daemon=True)
     server.start()
     base_url = parent.recv()
     bare, cai = Side(), Side()

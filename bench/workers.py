@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.judge_throughput import _serve, build_round  # noqa: E402
+from bench.judge_throughput import build_round, serve_loopback  # noqa: E402
 from cai.judge_round import JudgeSpec  # noqa: E402
 from cai.stages.settings import JudgeSettings  # noqa: E402
 from cai.store import judges  # noqa: E402
@@ -241,7 +241,7 @@ def main() -> None:
         flush=True,
     )
     parent, child = multiprocessing.Pipe()
-    server = multiprocessing.Process(target=_serve, args=(args.latency, child), daemon=True)
+    server = multiprocessing.Process(target=serve_loopback, args=(args.latency, child), daemon=True)
     server.start()
     base_url = parent.recv()
     assert server.pid is not None
