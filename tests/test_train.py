@@ -16,7 +16,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from cai.errors import BadInput
-from cai.train import TrainConfig, load_config, train_dpo, trl_loss_types
+from cai.train import (
+    TrainConfig,
+    dpo_args,
+    dpo_trainer_class,
+    load_config,
+    load_snapshot,
+    pair_lengths,
+    train_dpo,
+    trl_loss_types,
+)
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
 # Session fixtures from tests/tiny_model.py (see test_hf_backend.py).
@@ -180,6 +189,52 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir: Path, tmp
     resumed, uninterrupted = weights(result.model_dir), weights(straight.model_dir)
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, msg=name)
+
+
+def test_grouped_batches_pad_less_and_the_reference_pass_runs_in_length_order(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    rows = synthetic_pairs(32)
+    for i, row in enumerate(rows):  # answers of 1 to 32 sentences, both of a pair alike in length
+        answer = " ".join([row["chosen"][0]["content"]] * (1 + i % 32))
+        row["chosen"][0]["content"], row["rejected"][0]["content"] = answer, " ".join(answer.split()[::-1])
+    splits = load_snapshot(write_snapshot(tmp_path / "snapshot", rows[::-1], []))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def trainer(group_by_length: bool) -> Any:
+        config = TrainConfig(per_device_train_batch_size=4, max_length=1024, group_by_length=group_by_length)
+        return dpo_trainer_class(group_by_length)(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            args=dpo_args(config, tmp_path / f"grouped-{group_by_length}", gpu=False),
+            train_dataset=splits["train"],
+            processing_class=tokenizer,
+        )
+
+    def padding(batches: list[dict[str, torch.Tensor]]) -> float:
+        real = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        return 1 - real / sum(batch["attention_mask"].numel() for batch in batches)
+
+    grouped, uniform = trainer(True), trainer(False)
+    lengths = pair_lengths(grouped.train_dataset)
+    assert lengths == sorted(lengths)  # the reference pass met them shortest first
+    # The precomputed reference log-probs stayed with their pairs through the sort.
+    by_pair = {
+        (tuple(row["prompt_ids"]), tuple(row["chosen_ids"])): row["ref_chosen_logps"]
+        for row in uniform.train_dataset
+    }
+    for row in grouped.train_dataset:
+        key = (tuple(row["prompt_ids"]), tuple(row["chosen_ids"]))
+        assert row["ref_chosen_logps"] == pytest.approx(by_pair[key], rel=1e-5)
+
+    grouped_batches = list(grouped.get_train_dataloader())
+    assert sum(len(batch["input_ids"]) for batch in grouped_batches) == 2 * len(rows)  # each pair once
+    assert padding(grouped_batches) < 0.5 * padding(list(uniform.get_train_dataloader()))
+    # The order comes from the seed and the epoch: the same for a resumed run, new each epoch.
+    sampler = grouped._get_train_sampler()
+    first = list(sampler)
+    assert list(sampler) == first and sorted(first) == list(range(len(rows)))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
 
 
 def test_bad_input_is_refused_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path) -> None:
