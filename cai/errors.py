@@ -17,3 +17,7 @@ class BadInput(Exception):
 
 class NotFound(BadInput):
     """A named thing (constitution, round, prompt...) does not exist in the store."""
+
+
+class Conflict(BadInput):
+    """Valid input that clashes with what is stored (a name already taken, a job already over)."""

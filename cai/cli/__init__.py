@@ -18,6 +18,7 @@ from cai.cli import (
     report,
     rounds,
     templates,
+    tokens,
     train,
     web,
 )
@@ -44,6 +45,7 @@ app.add_typer(audit.app, name="audit")
 app.command("report")(report.report)
 app.command("web")(web.web)
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(tokens.app, name="token")
 app.command("worker")(jobs.worker)
 
 

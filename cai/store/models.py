@@ -422,3 +422,24 @@ class GenerationItemRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+ROLES = ("viewer", "annotator", "operator", "admin")
+"""API roles, each allowed what the ones before it are (cai.auth.Role)."""
+
+
+class ApiTokenRow(Created, Base):
+    """A named bearer token for the API and the web UI. Only the SHA-256 of the token is stored:
+    tokens are 32 random bytes, so a fast hash is as safe as a slow one and lets a request be
+    checked by one indexed lookup."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint("role IN (" + ", ".join(f"'{r}'" for r in ROLES) + ")", name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_sha256: Mapped[str] = mapped_column(SHA256, unique=True)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
