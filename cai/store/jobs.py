@@ -109,9 +109,13 @@ def list_jobs(
     kind: str | None = None,
     round_id: int | None = None,
     limit: int = 50,
+    before: int | None = None,
 ) -> list[JobRecord]:
-    """Jobs newest first, optionally filtered; at most `limit`."""
+    """Jobs newest first, optionally filtered; at most `limit`, with ids below `before` (the last
+    id of the page before, for paging)."""
     query = select(*_COLUMNS)
+    if before is not None:
+        query = query.where(JobRow.id < before)
     if status is not None:
         query = query.where(JobRow.status == status)
     if kind is not None:

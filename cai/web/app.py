@@ -23,6 +23,7 @@ from cai.web.security import (
     valid_session_id,
 )
 
+API_PREFIX = "/api/v1"
 SECURITY_HEADERS = {
     # No script at all: even if some text slipped through unescaped, the browser would not run it.
     "Content-Security-Policy": (
@@ -40,16 +41,18 @@ def create_app(database_url: str, token: str | None = None, throttle: LoginThrot
     """The audit UI over the store at `database_url`. Without `token` it is read-only; with one
     (at least MIN_TOKEN_LENGTH characters, else BadInput), a browser that logs in with it may
     record overrides and reviews. `throttle` limits failed logins (default: LoginThrottle())."""
-    from cai.store.db import ensure_schema, make_engine
+    from cai.api.app import create_api
+    from cai.config import load_settings
     from cai.web import actions, pages
+    from cai.workspace import Workspace
 
     token = token or None
     check_token(token)
-    engine = make_engine(database_url)
-    ensure_schema(engine)
+    workspace = Workspace(load_settings(database_url=database_url))
     app = FastAPI(title="cai", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.web = Web(engine, Guard(token), throttle or LoginThrottle())
+    app.state.web = Web(workspace.engine, Guard(token), throttle or LoginThrottle())
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount(API_PREFIX, create_api(workspace, bootstrap_token=token))
     app.include_router(pages.router)
     app.include_router(actions.router)
 
@@ -57,6 +60,12 @@ def create_app(database_url: str, token: str | None = None, throttle: LoginThrot
     async def session_and_headers(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        if request.url.path.startswith(API_PREFIX + "/"):
+            # Bearer tokens and JSON: no session cookie, and no page policy beyond these two.
+            response = await call_next(request)
+            for name in ("X-Content-Type-Options", "Cache-Control"):
+                response.headers.setdefault(name, SECURITY_HEADERS[name])
+            return response
         current = request.cookies.get(SESSION_COOKIE)
         fresh = not valid_session_id(current)
         request.state.session_id = new_session_id() if fresh else current
