@@ -228,14 +228,20 @@ def read_utf8(path: Path, max_bytes: int | None = None) -> str:
             data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     except OSError as exc:
         raise BadInput(f"{path}: cannot read: {exc.strerror}") from None
+    return decode_utf8(data, path, max_bytes)
+
+
+def decode_utf8(data: bytes, where: Path | str, max_bytes: int | None = None) -> str:
+    """`data` as text; BadInput naming `where` and the line of the first byte that is not UTF-8,
+    or saying it is longer than `max_bytes`."""
     if max_bytes is not None and len(data) > max_bytes:
-        raise BadInput(f"{path}: larger than {max_bytes:,} bytes; refusing to read it")
+        raise BadInput(f"{where}: larger than {max_bytes:,} bytes; refusing to read it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise BadInput(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+            f"{where}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
         ) from None
 
 
@@ -255,7 +261,12 @@ def unstorable(text: str) -> str | None:
 def load_constitution(path: Path | str) -> LoadedConstitution:
     """Load and validate one constitution file; BadInput lists every problem found."""
     path = Path(path)
-    text = read_utf8(path, max_bytes=MAX_CONSTITUTION_BYTES)
+    return parse_constitution(read_utf8(path, max_bytes=MAX_CONSTITUTION_BYTES), path)
+
+
+def parse_constitution(text: str, path: Path) -> LoadedConstitution:
+    """Validate a constitution's YAML text; `path` is where it came from (a file, or an upload's
+    name), which every problem names with its line."""
     root, data = _parse_yaml(path, text)
     if not isinstance(data, dict) or root is None:
         raise BadInput(f"{path}:1: expected a mapping with name, version, description, principles")

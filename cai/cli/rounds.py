@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cai.cli.app import JSON_OPTION, err, new_app, out, print_json, transaction
+from cai.cli.app import JSON_OPTION, err, new_app, out, print_json, transaction, workspace
 from cai.registry import EMBEDDED_MODEL
 
 app = new_app("Start labeling rounds and show their status and counts.")
@@ -31,24 +31,13 @@ def start(
 ) -> None:
     """Create a round over the train prompts. Prints the new round id on stdout (details on stderr),
     so `ROUND=$(cai round start -c NAME@1)` works in scripts."""
-    from cai.constitution import parse_ref
-    from cai.errors import BadInput
-    from cai.registry import resolve_model
-    from cai.store import repo
+    from cai.stages.rounds import start_round
 
-    name, version = parse_ref(constitution)
-    model = resolve_model(policy)
-    with transaction(ctx) as session:
-        stored = repo.get_constitution(session, name, version)
-        prompts = repo.count_prompts(session, "train", tag)
-        if prompts == 0:
-            which = f"train prompts tagged {tag!r}" if tag else "train prompts"
-            raise BadInput(f"no {which} in the store; import some first: cai prompts import FILE")
-        policy_record = repo.ensure_policy(session, model.name, model.location)
-        config = {"split": "train", "tag": tag, "seed": seed, "policy_kind": model.kind}
-        round_ = repo.create_round(session, stored.record, policy_record, config)
+    started = start_round(workspace(ctx), constitution, policy, tag, seed)
+    round_ = started.round
     err.print(
-        f"round {round_.id} started: {round_.constitution}, policy {round_.policy}, {prompts} train prompts",
+        f"round {round_.id} started: {round_.constitution}, policy {round_.policy}, "
+        f"{started.prompts} train prompts",
         highlight=False,
     )
     out.print(round_.id)

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from cai.constitution import Constitution, LoadedConstitution
-from cai.errors import BadInput, NotFound
+from cai.errors import Conflict, NotFound
 from cai.promptsets import PromptInput
 from cai.store.models import (
     ConstitutionRow,
@@ -78,7 +78,7 @@ def register_constitution(session: Session, loaded: LoadedConstitution) -> tuple
     )
     if existing is not None:
         if existing.sha256 != sha:
-            raise BadInput(
+            raise Conflict(
                 f"{loaded.path}: {constitution.ref} is already registered with different content "
                 f"(sha256 {existing.sha256[:12]}, this file {sha[:12]}); bump the version"
             )
@@ -391,9 +391,12 @@ def lock_round(session: Session, round_id: int) -> None:
         )
 
 
-def list_rounds(session: Session) -> list[RoundRecord]:
-    ids = session.scalars(select(RoundRow.id).order_by(RoundRow.id))
-    return [get_round(session, round_id) for round_id in ids]
+def list_rounds(session: Session, limit: int | None = None, after: int | None = None) -> list[RoundRecord]:
+    """Rounds oldest first; at most `limit`, with ids above `after` (the last id of the page before)."""
+    query = select(RoundRow.id).order_by(RoundRow.id).limit(limit)
+    if after is not None:
+        query = query.where(RoundRow.id > after)
+    return [get_round(session, round_id) for round_id in session.scalars(query)]
 
 
 def round_counts(session: Session, round_id: int) -> RoundCounts:
