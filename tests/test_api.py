@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from cai.auth import Role
 from cai.store import tokens
 from cai.web.app import create_app
-from tests.conftest import table_counts
+from tests.conftest import REPO, Cli, table_counts
 
 BOOTSTRAP = "bootstrap-admin-token-0123456789"
 PROBLEM = "application/problem+json"
@@ -132,3 +132,54 @@ def test_failed_authentication_is_throttled(api: TestClient, holders: dict) -> N
     refused = api.get("/me", headers=holders[Role.VIEWER])
     assert_problem(refused, 429, "too many failed attempts")
     assert int(refused.headers["retry-after"]) > 0
+
+
+def test_an_operator_registers_a_constitution_and_starts_a_round_over_imported_prompts(
+    api: TestClient, holders: dict, engine: Engine, cli: Cli
+) -> None:
+    operator, viewer = holders[Role.OPERATOR], holders[Role.VIEWER]
+    yaml_text = (REPO / "constitutions" / "concise-safe" / "v1.yaml").read_bytes()
+    as_yaml = {**operator, "Content-Type": "application/yaml"}
+
+    broken = yaml_text.replace(b"version: 1", b"version: one")
+    before = table_counts(engine)
+    refused = api.post("/constitutions", content=broken, params={"filename": "mine.yaml"}, headers=as_yaml)
+    assert any(
+        line.startswith("mine.yaml:4: version") for line in assert_problem(refused, 422, "version")["errors"]
+    )
+    assert_problem(
+        api.post("/constitutions", content=yaml_text, headers={**viewer, "Content-Type": "application/yaml"}),
+        403,
+        "operator",
+    )
+    assert table_counts(engine) == before
+
+    checked = api.post("/constitutions/validate", content=yaml_text, headers=as_yaml)
+    assert checked.json()["ref"] == "concise-safe@1" and table_counts(engine) == before
+    made = api.post("/constitutions", content=yaml_text, headers=as_yaml)
+    assert made.status_code == 201 and made.json()["created"] is True
+    again = api.post("/constitutions", content=yaml_text, headers=as_yaml)
+    assert again.json()["created"] is False
+    changed = yaml_text.replace(b"Short, direct answers", b"Brief answers")
+    assert_problem(api.post("/constitutions", content=changed, headers=as_yaml), 409, "bump the version")
+
+    listed = api.get("/constitutions", headers=viewer).json()
+    assert [c["ref"] for c in listed] == ["concise-safe@1"]
+    detail = api.get("/constitutions/concise-safe/1", headers=viewer).json()
+    assert detail["source_text"] == yaml_text.decode() and detail["body"]["name"] == "concise-safe"
+    assert_problem(api.get("/constitutions/concise-safe/7", headers=viewer), 404, "not found")
+
+    no_prompts = api.post("/rounds", json={"constitution": "concise-safe@1"}, headers=operator)
+    assert_problem(no_prompts, 422, "no train prompts")
+    cli("prompts", "import", REPO / "prompt_sets" / "helpful-harmless.jsonl")
+    started = [
+        api.post("/rounds", json={"constitution": "concise-safe@1"}, headers=operator) for _ in range(3)
+    ]
+    assert [r.status_code for r in started] == [201] * 3
+    ids = [r.json()["id"] for r in started]
+
+    first = api.get("/rounds", params={"limit": 2}, headers=viewer).json()
+    rest = api.get("/rounds", params={"limit": 2, "cursor": first["next_cursor"]}, headers=viewer).json()
+    assert [r["id"] for r in first["items"] + rest["items"]] == ids and rest["next_cursor"] is None
+    shown = api.get(f"/rounds/{ids[0]}", headers=viewer).json()
+    assert shown["status"] == "created" and shown["counts"]["prompts"] > 0 and shown["counts"]["pairs"] == 0

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Query
 from pydantic import BaseModel, Field
 
-from cai.api import problems
+from cai.api import problems, resources
 from cai.api.auth import ApiAuth, current_actor, requires
 from cai.auth import Actor, Role
 from cai.errors import Conflict, NotFound
@@ -104,7 +104,9 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
     # Every request authenticates, so a client polling with a few requests in flight must not
     # trip the limit; a 256-bit token is out of reach of 20 guesses per 5 minutes all the same.
     api.state.auth = ApiAuth(workspace.engine, bootstrap_token, LoginThrottle(per_client=20, overall=200))
+    api.state.workspace = workspace
     problems.install(api)
+    api.include_router(resources.router)
 
     @api.get("/me", response_model=Me, summary="The token's holder and role")
     def me(actor: Actor = Depends(current_actor)) -> Me:

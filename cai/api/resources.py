@@ -1,0 +1,211 @@
+"""/api/v1 resources over constitutions and rounds, calling the same store and stage functions
+as `cai constitution` and `cai round`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from pydantic import BaseModel
+
+from cai.api.auth import requires
+from cai.auth import Actor, Role
+from cai.registry import EMBEDDED_MODEL
+from cai.workspace import Workspace
+
+router = APIRouter()
+YAML_BODY = Body(
+    ...,
+    media_type="application/yaml",
+    description="The constitution file's text (at most 1 MiB).",
+)
+
+
+def workspace(request: Request) -> Workspace:
+    return request.app.state.workspace
+
+
+class Constitution(BaseModel):
+    name: str
+    version: int
+    ref: str
+    sha256: str
+    description: str
+    principles: int
+    created_at: datetime
+
+
+class ConstitutionDetail(Constitution):
+    body: dict[str, Any]
+    """The parsed constitution."""
+    source_text: str
+    """The YAML as registered."""
+
+
+class Registered(BaseModel):
+    constitution: Constitution
+    created: bool
+    """False when identical content was registered already."""
+
+
+class Validated(BaseModel):
+    ref: str
+    principles: int
+
+
+class Round(BaseModel):
+    id: int
+    status: str
+    constitution: str
+    policy: str
+    parent_round_id: int | None
+    config: dict[str, Any]
+    error: str | None
+    failed_step: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RoundCounts(BaseModel):
+    prompts: int
+    responses: int
+    pairs: int
+    judgments: int
+    judgments_failed: int
+    labels: int
+    ties: int
+    inconsistent: int
+
+
+class RoundDetail(Round):
+    counts: RoundCounts
+
+
+class RoundPage(BaseModel):
+    items: list[Round]
+    next_cursor: int | None
+
+
+class RoundRequest(BaseModel):
+    constitution: str
+    """NAME or NAME@VERSION of a registered constitution."""
+    policy: str = EMBEDDED_MODEL
+    tag: str | None = None
+    """Sample only the train prompts with this tag."""
+    seed: int = 0
+
+
+def _constitution(record: Any) -> Constitution:
+    return Constitution(**{**record.__dict__, "ref": record.ref})
+
+
+def _parse(text: bytes, filename: str) -> Any:
+    from pathlib import Path
+
+    from cai.constitution import MAX_CONSTITUTION_BYTES, decode_utf8, parse_constitution
+
+    return parse_constitution(decode_utf8(text, filename, MAX_CONSTITUTION_BYTES), Path(filename))
+
+
+@router.get("/constitutions", response_model=list[Constitution], summary="Every registered version")
+def list_constitutions(
+    ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+) -> list[Constitution]:
+    from cai.store import repo
+
+    with ws.session() as session:
+        return [_constitution(record) for record in repo.list_constitutions(session)]
+
+
+@router.get(
+    "/constitutions/{name}/{version}",
+    response_model=ConstitutionDetail,
+    summary="One version, parsed and as registered",
+)
+def get_constitution(
+    name: str, version: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+) -> ConstitutionDetail:
+    from cai.store import repo
+
+    with ws.session() as session:
+        stored = repo.get_constitution(session, name, version)
+    return ConstitutionDetail(
+        **_constitution(stored.record).model_dump(),
+        body=stored.constitution.model_dump(mode="json"),
+        source_text=stored.source_text,
+    )
+
+
+@router.post(
+    "/constitutions/validate", response_model=Validated, summary="Check a constitution file; stores nothing"
+)
+def validate_constitution(
+    text: bytes = YAML_BODY,
+    filename: str = Query("constitution.yaml", description="Named in every problem, with its line."),
+    actor: Actor = Depends(requires(Role.VIEWER)),
+) -> Validated:
+    loaded = _parse(text, filename)
+    return Validated(ref=loaded.constitution.ref, principles=len(loaded.constitution.principles))
+
+
+@router.post(
+    "/constitutions", response_model=Registered, status_code=201, summary="Register a constitution file"
+)
+def register_constitution(
+    text: bytes = YAML_BODY,
+    filename: str = Query("constitution.yaml", description="Named in every problem, with its line."),
+    ws: Workspace = Depends(workspace),
+    actor: Actor = Depends(requires(Role.OPERATOR)),
+) -> Registered:
+    from cai.store import repo
+
+    loaded = _parse(text, filename)
+    with ws.session() as session:
+        record, created = repo.register_constitution(session, loaded)
+    return Registered(constitution=_constitution(record), created=created)
+
+
+@router.get("/rounds", response_model=RoundPage, summary="Rounds, oldest first")
+def list_rounds(
+    limit: int = Query(50, ge=1, le=500),
+    cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+    ws: Workspace = Depends(workspace),
+    actor: Actor = Depends(requires(Role.VIEWER)),
+) -> RoundPage:
+    from cai.store import repo
+
+    with ws.session() as session:
+        found = repo.list_rounds(session, limit=limit + 1, after=cursor)
+    page = found[:limit]
+    return RoundPage(
+        items=[Round.model_validate(r, from_attributes=True) for r in page],
+        next_cursor=page[-1].id if len(found) > limit else None,
+    )
+
+
+@router.get("/rounds/{round_id}", response_model=RoundDetail, summary="One round with its counts")
+def get_round(
+    round_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+) -> RoundDetail:
+    from dataclasses import asdict
+
+    from cai.store import repo
+
+    with ws.session() as session:
+        record = repo.get_round(session, round_id)
+        counts = repo.round_counts(session, round_id)
+    return RoundDetail(
+        **Round.model_validate(record, from_attributes=True).model_dump(),
+        counts=RoundCounts(**asdict(counts)),
+    )
+
+
+@router.post("/rounds", response_model=Round, status_code=201, summary="Start a round")
+def create_round(
+    request: RoundRequest, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.OPERATOR))
+) -> Round:
+    from cai.stages.rounds import start_round
+
+    started = start_round(ws, request.constitution, request.policy, request.tag, request.seed)
+    return Round.model_validate(started.round, from_attributes=True)
