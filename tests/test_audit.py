@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from cai.audit import Pick, agreement, cohen_kappa, principle_stats, review_queue
 from cai.judge import Verdict, aggregate_pairwise
 from cai.store import judges, queue
+from cai.store.audit import PairFilters, list_pairs
 from cai.store.db import session_scope
 from cai.store.models import (
     AuditRow,
@@ -313,6 +314,25 @@ def test_list_filters(cli: Cli, world: World) -> None:
     table = cli("audit", "list", "--round", r)
     assert "inconsistent" in table.stdout and "unlabeled" in table.stdout
     assert "5 of 5 matching pairs" in table.stderr
+
+
+def test_list_filters_and_pages_by_the_effective_verdict_in_sql(
+    cli: Cli, engine: Engine, world: World
+) -> None:
+    ids, r = world.ids, world.round_id
+    cli("audit", "override", ids["clear"], "--prefer", "tie", "--note", "both fine", "--author", "ana")
+    cli("audit", "override", ids["tie"], "--prefer", "a", "--note", "A is clearer", "--author", "ana")
+    # A human's newest label decides the verdict; the judge's label keeps deciding the rest.
+    assert listed_ids(cli, "--ties", "--round", r) == {ids["clear"], ids["flip"]}
+    assert listed_ids(cli, "--max-confidence", 0.6) == {ids["b"], ids["tie"]}
+
+    with session_scope(engine) as session:
+        everything, total = list_pairs(session, PairFilters(round_id=r))
+        pages = [list_pairs(session, PairFilters(round_id=r), limit=2, offset=k) for k in (0, 2, 4)]
+        after_first = list_pairs(session, PairFilters(round_id=r), limit=2, after=everything[0].pair_id)
+    assert total == 5 and all(count == 5 for _, count in pages)
+    assert [p.pair_id for found, _ in pages for p in found] == [p.pair_id for p in everything]
+    assert [p.pair_id for p in after_first[0]] == [p.pair_id for p in everything[1:3]]
 
 
 def test_list_refuses_unknown_names(cli: Cli, world: World) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from cai.errors import BadInput, NotFound
@@ -73,11 +73,21 @@ class PairSummary:
 
 
 def list_pairs(
-    session: Session, filters: PairFilters, limit: int | None = None
+    session: Session,
+    filters: PairFilters,
+    limit: int | None = None,
+    offset: int = 0,
+    after: int | None = None,
 ) -> tuple[list[PairSummary], int]:
-    """The pairs matching `filters`, in id order, at most `limit` of them, and how many matched."""
-    matching = [p for p in _summaries(session, _pair_ids(filters)) if _keep(p, filters)]
-    return matching[:limit] if limit else matching, len(matching)
+    """The pairs matching `filters` in id order, and how many matched. Filtering and paging run
+    in SQL: at most `limit` pairs, skipping `offset`, with ids above `after` (a cursor: the last
+    id of the page before)."""
+    ids = _pair_ids(filters)
+    total = session.scalar(select(func.count()).select_from(ids.subquery())) or 0
+    if after is not None:
+        ids = ids.where(PairRow.id > after)
+    page = ids.order_by(PairRow.id).offset(offset).limit(limit)
+    return _summaries(session, select(page.subquery().c.id)), total
 
 
 def review_candidates(session: Session, round_id: int) -> list[PairSummary]:
@@ -97,6 +107,8 @@ def principle_keys(session: Session, round_id: int | None) -> set[str]:
 
 
 def _pair_ids(filters: PairFilters) -> Select[Any]:
+    """The ids of the pairs matching `filters`, each filter a SQL condition that agrees with how
+    _summaries reports the pair (its principles, effective verdict, judge label, failures)."""
     query = select(PairRow.id)
     if filters.round_id is not None:
         query = query.where(PairRow.round_id == filters.round_id)
@@ -121,21 +133,46 @@ def _pair_ids(filters: PairFilters) -> Select[Any]:
                 )
             )
         )
+    if filters.principle is not None:
+        # A pair's principles are those the LLM judged it under, else the rules checked on it.
+        judged = (
+            select(JudgmentRow.pair_id)
+            .join(PrincipleRow, PrincipleRow.id == JudgmentRow.principle_id)
+            .where(JudgmentRow.pair_id.is_not(None))
+        )
+        llm = judged.where(PrincipleRow.kind == "llm")
+        query = query.where(
+            or_(
+                PairRow.id.in_(llm.where(PrincipleRow.key == filters.principle)),
+                and_(
+                    PairRow.id.in_(
+                        judged.where(PrincipleRow.kind != "llm", PrincipleRow.key == filters.principle)
+                    ),
+                    PairRow.id.not_in(llm),
+                ),
+            )
+        )
+    if filters.failed:
+        query = query.where(PairRow.id.in_(select(JudgmentRow.pair_id).where(JudgmentRow.status == "failed")))
+    if filters.inconsistent or filters.ties or filters.max_confidence is not None:
+        judge, human = _newest_label(human=False), _newest_label(human=True)
+        query = query.outerjoin(judge, judge.c.pair_id == PairRow.id).outerjoin(
+            human, human.c.pair_id == PairRow.id
+        )
+        if filters.inconsistent:
+            query = query.where(judge.c.inconsistent.is_(True))
+        if filters.ties:
+            query = query.where(func.coalesce(human.c.verdict, judge.c.verdict) == "tie")
+        if filters.max_confidence is not None:
+            query = query.where(judge.c.confidence <= filters.max_confidence)
     return query
 
 
-def _keep(pair: PairSummary, filters: PairFilters) -> bool:
-    if filters.principle is not None and filters.principle not in pair.principles:
-        return False
-    if filters.inconsistent and not pair.inconsistent:
-        return False
-    if filters.ties and pair.verdict != "tie":
-        return False
-    if filters.failed and not pair.failed:
-        return False
-    return filters.max_confidence is None or (
-        pair.confidence is not None and pair.confidence <= filters.max_confidence
-    )
+def _newest_label(*, human: bool) -> Any:
+    """Each pair's newest human label, or its newest judge label, as a subquery."""
+    by_source = LabelRow.source == "human" if human else LabelRow.source != "human"
+    newest = select(func.max(LabelRow.id)).where(by_source).group_by(LabelRow.pair_id)
+    return select(LabelRow).where(LabelRow.id.in_(newest)).subquery()
 
 
 def _summaries(session: Session, ids: Select[Any]) -> list[PairSummary]:

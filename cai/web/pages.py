@@ -118,13 +118,13 @@ def pairs(request: Request) -> Response:
             return render(
                 request, "pairs.html", 400, section="pairs", **_list_context(session, query, problems)
             )
-        found, total = list_pairs(session, filters)
+        found, total = list_pairs(session, filters, limit=per, offset=(page - 1) * per)
         context = _list_context(session, query, [])
     pages = max(1, math.ceil(total / per))
     if page > pages:
         raise NotFound(f"page {page} is past the last page ({pages}) of {total} matching pairs")
     context.update(
-        pairs=found[(page - 1) * per : page * per],
+        pairs=found,
         total=total,
         page=page,
         pages=pages,
