@@ -15,6 +15,9 @@ from cai.auth import Role
 from cai.store import tokens
 from cai.web.app import create_app
 from tests.conftest import REPO, Cli, table_counts
+from tests.test_audit import World, world
+
+__all__ = ["world"]  # the audit tests' round of judged pairs, as a fixture here too
 
 BOOTSTRAP = "bootstrap-admin-token-0123456789"
 PROBLEM = "application/problem+json"
@@ -183,3 +186,36 @@ def test_an_operator_registers_a_constitution_and_starts_a_round_over_imported_p
     assert [r["id"] for r in first["items"] + rest["items"]] == ids and rest["next_cursor"] is None
     shown = api.get(f"/rounds/{ids[0]}", headers=viewer).json()
     assert shown["status"] == "created" and shown["counts"]["prompts"] > 0 and shown["counts"]["pairs"] == 0
+
+
+def test_annotators_override_and_review_pairs_under_their_own_name(
+    api: TestClient, holders: dict, engine: Engine, world: World
+) -> None:
+    ids, viewer, annotator = world.ids, holders[Role.VIEWER], holders[Role.ANNOTATOR]
+    first = api.get("/pairs", params={"round_id": world.round_id, "limit": 3}, headers=viewer).json()
+    rest = api.get(
+        "/pairs", params={"round_id": world.round_id, "cursor": first["next_cursor"]}, headers=viewer
+    ).json()
+    assert first["total"] == 5 and rest["next_cursor"] is None
+    assert [p["pair_id"] for p in first["items"] + rest["items"]] == sorted(
+        ids[n] for n in ("clear", "b", "flip", "tie", "failed")
+    )
+    ties = api.get("/pairs", params={"ties": True, "round_id": world.round_id}, headers=viewer).json()
+    assert {p["pair_id"] for p in ties["items"]} == {ids["flip"], ids["tie"]}
+
+    before = table_counts(engine)
+    refused = api.post(f"/pairs/{ids['clear']}/override", json={"prefer": "B", "note": "x"}, headers=viewer)
+    assert_problem(refused, 403, "needs the annotator role")
+    no_note = api.post(f"/pairs/{ids['clear']}/override", json={"prefer": "B"}, headers=annotator)
+    assert_problem(no_note, 422, "body.note")
+    assert table_counts(engine) == before
+
+    done = api.post(
+        f"/pairs/{ids['clear']}/override", json={"prefer": "B", "note": "A errs"}, headers=annotator
+    )
+    assert done.status_code == 201 and done.json()["author"] == "annotator"
+    reviewed = api.post(f"/pairs/{ids['b']}/review", json={}, headers=annotator).json()
+    assert (reviewed["action"], reviewed["author"], reviewed["verdict"]) == ("review", "annotator", "B")
+    detail = api.get(f"/pairs/{ids['clear']}", headers=viewer).json()
+    assert [(a["author"], a["verdict"]) for a in detail["audits"]] == [("annotator", "B")]
+    assert_problem(api.get("/pairs/999999", headers=viewer), 404, "pair 999999 not found")

@@ -4,14 +4,15 @@ as `cai constitution` and `cai round`."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from cai.api.auth import requires
 from cai.auth import Actor, Role
 from cai.registry import EMBEDDED_MODEL
+from cai.store.audit import AuditDetail, PairDetail, PairSummary
 from cai.workspace import Workspace
 
 router = APIRouter()
@@ -209,3 +210,84 @@ def create_round(
 
     started = start_round(ws, request.constitution, request.policy, request.tag, request.seed)
     return Round.model_validate(started.round, from_attributes=True)
+
+
+class PairPage(BaseModel):
+    items: list[PairSummary]
+    total: int
+    """Pairs matching the filters, over every page."""
+    next_cursor: int | None
+
+
+class OverrideRequest(BaseModel):
+    prefer: Literal["A", "B", "tie"]
+    note: str = Field(min_length=1, max_length=4000)
+    """Why: kept with the label, shown to every later reader."""
+
+
+class ReviewRequest(BaseModel):
+    note: str = Field("", max_length=4000)
+
+
+@router.get("/pairs", response_model=PairPage, summary="Pairs with the audit filters, in id order")
+def list_pairs(
+    round_id: int | None = None,
+    kind: Literal["sample", "revision", "eval"] | None = Query(None, description="Default: all but eval."),
+    principle: str | None = None,
+    inconsistent: bool = False,
+    ties: bool = False,
+    failed: bool = False,
+    max_confidence: float | None = Query(None, ge=0, le=1),
+    search: str | None = Query(None, max_length=200),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+    ws: Workspace = Depends(workspace),
+    actor: Actor = Depends(requires(Role.VIEWER)),
+) -> PairPage:
+    from cai.store import audit
+
+    filters = audit.PairFilters(round_id, kind, principle, inconsistent, ties, failed, max_confidence, search)
+    with ws.session() as session:
+        found, total = audit.list_pairs(session, filters, limit=limit + 1, after=cursor)
+    page = found[:limit]
+    return PairPage(items=page, total=total, next_cursor=page[-1].pair_id if len(found) > limit else None)
+
+
+@router.get("/pairs/{pair_id}", response_model=PairDetail, summary="A pair with every judgment and label")
+def get_pair(
+    pair_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+) -> PairDetail:
+    from cai.store import audit
+
+    with ws.session() as session:
+        return audit.pair_detail(session, pair_id)
+
+
+@router.post(
+    "/pairs/{pair_id}/override", response_model=AuditDetail, status_code=201, summary="Override the judge"
+)
+def override(
+    pair_id: int,
+    request: OverrideRequest,
+    ws: Workspace = Depends(workspace),
+    actor: Actor = Depends(requires(Role.ANNOTATOR)),
+) -> AuditDetail:
+    from cai.store import audit
+
+    with ws.session() as session:
+        return audit.add_override(session, pair_id, request.prefer, actor.name, request.note)
+
+
+@router.post(
+    "/pairs/{pair_id}/review", response_model=AuditDetail, status_code=201, summary="Agree with the judge"
+)
+def review(
+    pair_id: int,
+    request: ReviewRequest,
+    ws: Workspace = Depends(workspace),
+    actor: Actor = Depends(requires(Role.ANNOTATOR)),
+) -> AuditDetail:
+    from cai.store import audit
+
+    with ws.session() as session:
+        return audit.add_review(session, pair_id, actor.name, request.note)
