@@ -5,12 +5,7 @@ is shown as text and never runs, with the Content-Security-Policy on and with it
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +14,7 @@ import pytest
 from sqlalchemy import Engine
 
 from cai.store.db import session_scope
+from tests.cai_process import running_cai
 from tests.conftest import Cli
 from tests.test_audit import RoundBuilder, exported
 from tests.test_web import TOKEN, Site, build_site
@@ -35,13 +31,6 @@ PWN_SCRIPT = '<script>window.pwned = 1; document.title = "pwned"</script>'
 PWN_IMG = '<img src="x" onerror="window.pwned = 2; document.title = &quot;pwned&quot;">'
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def server(db_url: str, cli: Cli, engine: Engine, tmp_path: Path) -> Iterator[tuple[str, Site, int]]:
     """`cai web` in a child process over a database with the test_web pairs plus one whose
@@ -49,36 +38,8 @@ def server(db_url: str, cli: Cli, engine: Engine, tmp_path: Path) -> Iterator[tu
     site = build_site(cli, engine, tmp_path)
     with session_scope(engine) as session:
         pwn = RoundBuilder(session, site.round_id).pair(texts=(f"GOOD {PWN_SCRIPT}", f"plain {PWN_IMG}"))
-    port = free_port()
-    env = {**os.environ, "CAI_WEB_TOKEN": TOKEN}
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cai", "--db", db_url, "web", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"cai web exited: {(tmp_path / 'server.log').read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("cai web did not start listening within 60 s") from None
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", site, pwn
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with running_cai(db_url, "web", tmp_path / "server.log", {"CAI_WEB_TOKEN": TOKEN}) as base:
+        yield base, site, pwn
 
 
 @pytest.fixture
