@@ -444,7 +444,7 @@ def dpo_trainer_class(group_by_length: bool) -> type:
             order = torch.randperm(len(batches), generator=generator).tolist()
             return (index for b in order for index in batches[b])
 
-    class LengthGroupedDPOTrainer(DPOTrainer):  # type: ignore[misc]
+    class LengthGroupedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
             from datasets import Dataset
 
