@@ -13,6 +13,7 @@ from cai.api.auth import requires
 from cai.auth import Actor, Role
 from cai.registry import EMBEDDED_MODEL
 from cai.store.audit import AuditDetail, PairDetail, PairSummary
+from cai.store.repo import RoundCounts
 from cai.workspace import Workspace
 
 router = APIRouter()
@@ -66,17 +67,6 @@ class Round(BaseModel):
     failed_step: str | None
     created_at: datetime
     updated_at: datetime
-
-
-class RoundCounts(BaseModel):
-    prompts: int
-    responses: int
-    pairs: int
-    judgments: int
-    judgments_failed: int
-    labels: int
-    ties: int
-    inconsistent: int
 
 
 class RoundDetail(Round):
