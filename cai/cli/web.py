@@ -4,11 +4,15 @@ runs a worker in that process when the store is SQLite, so one command is a whol
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from cai.cli.app import err, settings, workspace
+
+if TYPE_CHECKING:
+    from cai.worker import Worker
+    from cai.workspace import Workspace
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HOST_OPTION = typer.Option(
@@ -90,7 +94,7 @@ def _serve(ctx: typer.Context, host: str, port: int, with_worker: bool | None) -
             thread.join()
 
 
-def _start_worker(ws: Any) -> tuple[Any, threading.Thread]:
+def _start_worker(ws: Workspace) -> tuple[Worker, threading.Thread]:
     from cai.cli.app import quiet_libraries
     from cai.store.models import JOB_KINDS
     from cai.worker import Worker, WorkerOptions
