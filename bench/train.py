@@ -55,6 +55,7 @@ def trl_defaults(tmp: Path, bf16: bool) -> TrainConfig:
         precompute_ref_log_probs=trl.precompute_ref_log_probs,
         gradient_checkpointing=trl.gradient_checkpointing,
         group_by_length=trl.train_sampling_strategy == "group_by_length",
+        share_prompt=False,  # TRL runs every prompt once per answer
         seed=trl.seed,
         logging_steps=int(trl.logging_steps),
         save_steps=int(trl.save_steps),
@@ -177,7 +178,8 @@ def main() -> None:
         return (
             f"batch {config.per_device_train_batch_size}, bf16 {bf16}, "
             f"gradient_checkpointing {config.gradient_checkpointing}, "
-            f"precompute_ref_log_probs {config.precompute_ref_log_probs}, group_by_length {config.group_by_length}"
+            f"precompute_ref_log_probs {config.precompute_ref_log_probs}, group_by_length {config.group_by_length}, "
+            f"share_prompt {config.share_prompt}"
         )
 
     for name, (seconds, steps) in timings.items():

@@ -80,6 +80,10 @@ class TrainConfig(BaseModel):
     # 27% of the tokens were padding at random, 13% grouped). The reference pass, which runs in
     # dataset order, runs over the pairs sorted by length. False: TRL's uniformly random batches.
     group_by_length: bool = True
+    # Each pair's prompt runs through the model once, for both answers, instead of once per answer
+    # (cai/shared_prompt.py); on demo-shaped rounds that skips about a quarter of the tokens.
+    # False: TRL's forward over [chosen; rejected] as it stacks them.
+    share_prompt: bool = True
     seed: int = 0
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=50, ge=1)  # a checkpoint to resume from; only the latest is kept
@@ -235,7 +239,7 @@ def train_dpo(
     last = last_complete_checkpoint(output_dir)
     # On a GPU the host's allocator is off the step's path; on a CPU it is on it (cai.allocator).
     with contextlib.nullcontext() if gpu else freed_memory_kept():
-        trainer = dpo_trainer_class(config.group_by_length)(
+        trainer = dpo_trainer_class(config.group_by_length, config.share_prompt)(
             model=model,
             ref_model=ref_model,
             args=args,
@@ -406,14 +410,12 @@ def pair_lengths(dataset: Dataset) -> list[int]:
 
 
 @functools.cache
-def dpo_trainer_class(group_by_length: bool) -> type:
-    """TRL's DPOTrainer, or with `group_by_length` one that sorts the tokenized pairs by length
-    (the reference pass then pads little) and draws training batches of similar length."""
+def dpo_trainer_class(group_by_length: bool, share_prompt: bool) -> type:
+    """TRL's DPOTrainer with cai's options (TrainConfig's fields): `group_by_length` sorts the tokenized pairs by
+    length (the reference pass then pads little) and draws training batches of similar length;
+    `share_prompt` runs each pair's prompt once for both answers."""
     import torch
     from trl import DPOTrainer
-
-    if not group_by_length:
-        return DPOTrainer
 
     class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         """Pairs drawn at random into groups of up to 50 batches, each group sorted by length and
@@ -444,23 +446,52 @@ def dpo_trainer_class(group_by_length: bool) -> type:
             order = torch.randperm(len(batches), generator=generator).tolist()
             return (index for b in order for index in batches[b])
 
-    class LengthGroupedDPOTrainer(DPOTrainer):
+    class CaiDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
             from datasets import Dataset
 
             dataset = super()._prepare_dataset(dataset, *args, **kwargs)
-            if not isinstance(dataset, Dataset):  # a stream has no length to sort by
+            if not group_by_length or not isinstance(dataset, Dataset):  # a stream has no length
                 return dataset
             lengths = pair_lengths(dataset)
             order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: ties keep their order
             return dataset.select(order).flatten_indices()
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if not group_by_length:
+                return super()._get_train_sampler(train_dataset)
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(pair_lengths(dataset), batch, self.args.seed)
 
-    return LengthGroupedDPOTrainer
+        # TRL patches the models' forwards (its fused output head) in __init__ and then computes the
+        # reference log-probs there; these two methods are the first to run after the patch.
+        def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+            self._share_prompts()
+            return super()._precompute_ref_logps(*args, **kwargs)
+
+        def _compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+            self._share_prompts()
+            return super()._compute_loss(*args, **kwargs)
+
+        def _share_prompts(self) -> None:
+            if not share_prompt or getattr(self, "_cai_prompts_shared", False):
+                return
+            from accelerate.utils import is_peft_model
+
+            from cai.shared_prompt import share_prompt_forward
+
+            self._cai_prompts_shared = True
+            # The fields TRL's DPOTrainer asks its fused head for (the loss, then its metrics).
+            outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")
+            if self.use_weighting:
+                outputs += ("log_sum_sq_probs",)
+            model: Any = self.model
+            share_prompt_forward(model.get_base_model() if is_peft_model(model) else model, outputs)
+            if self.ref_model is not None:
+                share_prompt_forward(self.ref_model, ("log_probs",))
+
+    return CaiDPOTrainer
 
 
 def _log_forwarder(on_log: OnLog) -> Any:

@@ -203,7 +203,7 @@ def test_grouped_batches_pad_less_and_the_reference_pass_runs_in_length_order(
 
     def trainer(group_by_length: bool) -> Any:
         config = TrainConfig(per_device_train_batch_size=4, max_length=1024, group_by_length=group_by_length)
-        return dpo_trainer_class(group_by_length)(
+        return dpo_trainer_class(config.group_by_length, config.share_prompt)(
             model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
             args=dpo_args(config, tmp_path / f"grouped-{group_by_length}", gpu=False),
             train_dataset=splits["train"],
