@@ -4,7 +4,7 @@ stratified review queue. Pure functions over plain values; cai.store.audit feeds
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,6 +78,60 @@ def agreement(ratings: Sequence[tuple[str, str]]) -> Agreement:
     agreed = sum(a == b for a, b in ratings)
     rate = agreed / len(ratings) if ratings else None
     return Agreement(len(ratings), agreed, rate, cohen_kappa(ratings))
+
+
+@dataclass(frozen=True)
+class HumanAgreement:
+    """How far humans agree with each other, over the pairs that two or more of them labeled."""
+
+    items: int
+    """Pairs with labels from at least two people: what alpha is computed over."""
+    raters: int
+    """People with a label on at least one of those pairs."""
+    alpha: float | None
+    """Krippendorff's alpha (nominal); None when undefined (see krippendorff_alpha)."""
+
+
+def krippendorff_alpha(units: Iterable[Sequence[str]]) -> float | None:
+    """Krippendorff's alpha for nominal verdicts (A, B, tie): 1 - observed / expected
+    disagreement, over the units (pairs) given as the verdicts their raters gave. Units with
+    fewer than two verdicts carry no pairable values and are left out. None when it is
+    undefined: fewer than two pairable values, or a single category used throughout (no
+    disagreement could be expected). Unlike Cohen's kappa it takes any number of raters per
+    unit, and missing ratings."""
+    # The coincidence matrix: every ordered pair of verdicts within a unit, weighted 1/(m - 1).
+    coincidences: defaultdict[tuple[str, str], float] = defaultdict(float)
+    for unit in units:
+        values = list(unit)
+        _check([(v, v) for v in values])
+        m = len(values)
+        if m < 2:
+            continue
+        for i, first in enumerate(values):
+            for j, second in enumerate(values):
+                if i != j:
+                    coincidences[first, second] += 1 / (m - 1)
+    marginals: defaultdict[str, float] = defaultdict(float)
+    for (first, _), weight in coincidences.items():
+        marginals[first] += weight
+    n = sum(marginals.values())
+    expected = sum(marginals[c] * marginals[k] for c in VERDICTS for k in VERDICTS if c != k)
+    if n < 2 or expected < 1e-9:
+        return None
+    observed = sum(weight for (c, k), weight in coincidences.items() if c != k)
+    return 1 - (n - 1) * observed / expected
+
+
+def human_agreement(ratings: dict[int, dict[str, str]]) -> HumanAgreement:
+    """Krippendorff's alpha over `ratings` (pair id -> rater -> verdict), using the pairs that at
+    least two raters labeled."""
+    shared = {pair: by_rater for pair, by_rater in ratings.items() if len(by_rater) >= 2}
+    raters = {rater for by_rater in shared.values() for rater in by_rater}
+    return HumanAgreement(
+        items=len(shared),
+        raters=len(raters),
+        alpha=krippendorff_alpha(list(by_rater.values()) for by_rater in shared.values()),
+    )
 
 
 def _check(ratings: Iterable[tuple[str, str]]) -> None:
@@ -187,6 +241,37 @@ def review_queue(pairs: Sequence[AuditedPair], n: int, seed: int = 0) -> list[Pi
             if queue and len(picks) < n:
                 take([queue.pop(0)], "principle", n)
     return list(picks.values())
+
+
+def queue_size(annotators: int, per_annotator: int, overlap: float) -> int:
+    """How many distinct pairs `split_queues` needs to fill every queue."""
+    shared = round(overlap * per_annotator)
+    return shared + (per_annotator - shared) * annotators
+
+
+def split_queues(
+    picks: Sequence[int], annotators: Sequence[str], per_annotator: int, overlap: float
+) -> dict[str, list[int]]:
+    """Queues of up to `per_annotator` pairs each, cut from `picks` (a stratified review queue,
+    in order): the first `overlap` share of every queue is the same pairs for everyone, so that
+    agreement between humans can be measured on them, and the rest is dealt out in turn, each
+    pair to one annotator. With overlap 1 everyone gets the same queue; with 0 none overlap."""
+    if not 0 <= overlap <= 1:
+        raise ValueError("overlap must be between 0 and 1")
+    if per_annotator < 0:
+        raise ValueError("per_annotator must not be negative")
+    if len(set(annotators)) != len(annotators):
+        raise ValueError("annotators must be distinct")
+    shared = list(picks[: round(overlap * per_annotator)])
+    queues = {name: list(shared) for name in annotators}
+    rest = iter(picks[len(shared) :])
+    for _ in range(per_annotator - len(shared)):
+        for name in annotators:
+            pick = next(rest, None)
+            if pick is None:
+                return queues
+            queues[name].append(pick)
+    return queues
 
 
 def _principle(pair: AuditedPair) -> str | None:

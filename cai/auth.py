@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from cai.errors import BadInput
 
+BOOTSTRAP_ACTOR = "bootstrap-admin"
+"""The actor CAI_WEB_TOKEN stands for: an admin that no `cai token` manages."""
+
 
 class Role(enum.IntEnum):
     VIEWER = 0

@@ -48,7 +48,12 @@ def submit_job(
     with ws.session() as session:
         if round_id is not None:
             repo.get_round(session, round_id)
-        return jobs.submit(session, kind, round_id, validated.model_dump(mode="json"), requested_by)
+        job = jobs.submit(session, kind, round_id, validated.model_dump(mode="json"), requested_by)
+        if requested_by is not None:
+            from cai.store.actions import record
+
+            record(session, requested_by, "job.submit", f"job {job.id}", kind=kind, round_id=round_id)
+        return job
 
 
 def run_job(

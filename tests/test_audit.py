@@ -16,7 +16,17 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from cai.audit import Pick, agreement, cohen_kappa, principle_stats, review_queue
+from cai.audit import (
+    Pick,
+    agreement,
+    cohen_kappa,
+    human_agreement,
+    krippendorff_alpha,
+    principle_stats,
+    queue_size,
+    review_queue,
+    split_queues,
+)
 from cai.judge import Verdict, aggregate_pairwise
 from cai.store import judges, queue
 from cai.store.audit import PairFilters, list_pairs
@@ -61,6 +71,57 @@ def test_kappa_is_none_when_undefined() -> None:
     assert degenerate.rate == 1.0 and degenerate.kappa is None
     empty = agreement([])
     assert (empty.pairs, empty.rate, empty.kappa) == (0, None, None)
+
+
+def test_alpha_matches_hand_computed_examples() -> None:
+    # Coincidences: AA 2, AB 1, BA 1, BB 2, tie-tie 2 (the single rating adds nothing);
+    # n_A 3, n_B 3, n_tie 2, n 8; alpha = 1 - (8 - 1) * 2 / (2 * (3*3 + 3*2 + 3*2)) = 2/3.
+    units = [("A", "A"), ("A", "B"), ("B", "B"), ("tie", "tie"), ("A",)]
+    assert krippendorff_alpha(units) == pytest.approx(2 / 3)
+    # Three raters on one pair weigh each ordered pair of their verdicts 1/2: AA 1, AB 1, BA 1,
+    # then BB 2 from the second; n_A 2, n_B 3, n 5; alpha = 1 - 4 * 2 / (2 * 2 * 3) = 1/3.
+    assert krippendorff_alpha([("A", "A", "B"), ("B", "B")]) == pytest.approx(1 / 3)
+
+
+def test_alpha_is_one_when_everyone_agrees_below_zero_when_they_oppose_and_none_when_undefined() -> None:
+    assert krippendorff_alpha([("A", "A"), ("B", "B", "B"), ("tie", "tie")]) == pytest.approx(1.0)
+    assert krippendorff_alpha([("A", "B"), ("B", "A")]) < 0
+    assert krippendorff_alpha([("A", "A"), ("A", "A")]) is None  # one category: no expected disagreement
+    assert krippendorff_alpha([("A",), ("B",)]) is None  # nothing pairable
+    with pytest.raises(ValueError, match="maybe"):
+        krippendorff_alpha([("A", "maybe")])
+
+
+def test_human_agreement_uses_only_pairs_two_people_labeled() -> None:
+    ratings = {
+        1: {"ana": "A", "bo": "A"},
+        2: {"ana": "B", "bo": "A", "cy": "B"},
+        3: {"cy": "tie"},  # one rater: left out, and cy counts only for pair 2
+        4: {"ana": "tie", "cy": "tie"},
+    }
+    result = human_agreement(ratings)
+    assert (result.items, result.raters) == (3, 3)
+    assert result.alpha == pytest.approx(krippendorff_alpha([("A", "A"), ("B", "A", "B"), ("tie", "tie")]))
+
+
+def test_split_queues_shares_the_overlap_and_deals_out_the_rest() -> None:
+    picks = list(range(100, 120))
+    queues = split_queues(picks, ["ana", "bo", "cy"], per_annotator=5, overlap=0.4)
+    assert queue_size(3, 5, 0.4) == 2 + 3 * 3
+    assert [q[:2] for q in queues.values()] == [[100, 101]] * 3  # the shared part, first for everyone
+    assert all(len(q) == 5 for q in queues.values())
+    dealt = [p for q in queues.values() for p in q[2:]]
+    assert sorted(dealt) == list(range(102, 111))  # each of the rest to exactly one annotator
+    assert split_queues(picks, ["ana", "bo"], 4, 1.0) == {"ana": picks[:4], "bo": picks[:4]}
+    no_overlap = split_queues(picks, ["ana", "bo"], 3, 0.0)
+    assert not set(no_overlap["ana"]) & set(no_overlap["bo"])
+    short = split_queues(picks[:3], ["ana", "bo"], 3, 0.0)  # fewer pairs than places: dealt until gone
+    assert short == {"ana": [100, 102], "bo": [101]}
+    for bad in ({"overlap": 1.5}, {"per_annotator": -1}):
+        with pytest.raises(ValueError):
+            split_queues(picks, ["ana"], **{"per_annotator": 2, "overlap": 0.5, **bad})
+    with pytest.raises(ValueError, match="distinct"):
+        split_queues(picks, ["ana", "ana"], 2, 0.5)
 
 
 def test_unknown_categories_are_refused() -> None:

@@ -9,10 +9,11 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Query
 from pydantic import BaseModel, Field
 
-from cai.api import problems, resources
+from cai.api import data, problems, quality, resources
 from cai.api.auth import ApiAuth, current_actor, requires
 from cai.auth import Actor, Role
 from cai.errors import Conflict, NotFound
+from cai.store.actions import record
 from cai.store.models import JOB_KINDS, JOB_STATUSES, ROLES
 from cai.web.security import LoginThrottle
 from cai.workspace import Workspace
@@ -89,6 +90,20 @@ class CreatedToken(BaseModel):
     """Shown in this response only: the store keeps its SHA-256."""
 
 
+class Action(BaseModel):
+    id: int
+    actor: str
+    verb: str
+    subject: str
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+class ActionPage(BaseModel):
+    items: list[Action]
+    next_cursor: int | None
+
+
 def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> FastAPI:
     """The API over `workspace`'s store; `bootstrap_token` (CAI_WEB_TOKEN) acts as an admin."""
     api = FastAPI(
@@ -106,7 +121,10 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
     api.state.auth = ApiAuth(workspace.engine, bootstrap_token, LoginThrottle(per_client=20, overall=200))
     api.state.workspace = workspace
     problems.install(api)
+    # data first: its /constitutions/{name}/diff must win over /constitutions/{name}/{version}.
+    api.include_router(data.router)
     api.include_router(resources.router)
+    api.include_router(quality.router)
 
     @api.get("/me", response_model=Me, summary="The token's holder and role")
     def me(actor: Actor = Depends(current_actor)) -> Me:
@@ -156,6 +174,7 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
             job = jobs.get_job(session, job_id)
             if job.finished:
                 raise Conflict(f"job {job_id} is {job.status} already")
+            record(session, actor.name, "job.cancel", f"job {job_id}")
             return _job(jobs.request_cancel(session, job_id))
 
     @api.get("/tokens", response_model=list[Token], summary="Every token (never the token itself)")
@@ -173,6 +192,7 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
 
         with workspace.session() as session:
             token = tokens.create(session, request.name, Role.parse(request.role), created_by=actor.name)
+            record(session, actor.name, "token.create", request.name, role=request.role)
         return CreatedToken(name=request.name, role=request.role, token=token)
 
     @api.delete("/tokens/{name}", status_code=204, summary="Revoke a token")
@@ -182,6 +202,25 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
         with workspace.session() as session:
             if not tokens.revoke(session, name):
                 raise NotFound(f"{name}: no token of that name, or it is revoked already")
+            record(session, actor.name, "token.revoke", name)
+
+    @api.get("/actions", response_model=ActionPage, summary="Who wrote what, newest first")
+    def list_actions(
+        actor_name: str | None = Query(None, alias="actor", max_length=200),
+        limit: int = Query(50, ge=1, le=500),
+        cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+        actor: Actor = Depends(requires(Role.ADMIN)),
+    ) -> ActionPage:
+        from dataclasses import asdict
+
+        from cai.store.actions import list_actions
+
+        with workspace.session() as session:
+            found = list_actions(session, actor_name, limit=limit + 1, before=cursor)
+        page = found[:limit]
+        return ActionPage(
+            items=[Action(**asdict(a)) for a in page], next_cursor=page[-1].id if len(found) > limit else None
+        )
 
     return api
 

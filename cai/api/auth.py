@@ -15,10 +15,8 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException
 
-from cai.auth import Actor, Role
+from cai.auth import BOOTSTRAP_ACTOR, Actor, Role
 from cai.web.security import LoginThrottle
-
-BOOTSTRAP_ACTOR = "bootstrap-admin"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from cai.api.auth import requires
 from cai.auth import Actor, Role
 from cai.registry import EMBEDDED_MODEL
+from cai.store.actions import record
 from cai.store.audit import AuditDetail, PairDetail, PairSummary
 from cai.store.repo import RoundCounts
 from cai.workspace import Workspace
@@ -153,8 +154,10 @@ def register_constitution(
 
     loaded = _parse(text, filename)
     with ws.session() as session:
-        record, created = repo.register_constitution(session, loaded)
-    return Registered(constitution=_constitution(record), created=created)
+        stored, created = repo.register_constitution(session, loaded)
+        if created:
+            record(session, actor.name, "constitution.register", stored.ref, filename=filename)
+    return Registered(constitution=_constitution(stored), created=created)
 
 
 @router.get("/rounds", response_model=RoundPage, summary="Rounds, oldest first")
@@ -198,7 +201,7 @@ def create_round(
 ) -> Round:
     from cai.stages.rounds import start_round
 
-    started = start_round(ws, request.constitution, request.policy, request.tag, request.seed)
+    started = start_round(ws, request.constitution, request.policy, request.tag, request.seed, actor.name)
     return Round.model_validate(started.round, from_attributes=True)
 
 

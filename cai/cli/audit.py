@@ -178,27 +178,25 @@ def stats(ctx: typer.Context, round_id: int = ROUND_FILTER, as_json: bool = JSON
     Pairs, labeled, ties, flip rate (labels whose two presentation orders disagreed, over
     labeled), failed judgments, mean confidence, and agreement with humans plus Cohen's kappa
     over the pairs someone overrode or reviewed. Then each judge's injection-follow rate from
-    its latest `cai judge calibrate` on the round's constitution. Evaluation pairs are left
-    out."""
+    its latest `cai judge calibrate` on the round's constitution, and agreement between humans
+    (Krippendorff's alpha over the pairs two or more people labeled: see `cai audit queue`).
+    Evaluation pairs are left out."""
     from dataclasses import asdict
 
-    from cai.audit import ALL, principle_stats
-    from cai.store import repo
-    from cai.store.audit import PairFilters, judge_calibrations, list_pairs
+    from cai.audit import ALL
+    from cai.store.audit_stats import audit_stats
 
     with transaction(ctx) as session:
-        if round_id is not None:
-            repo.get_round(session, round_id)
-        pairs, _ = list_pairs(session, PairFilters(round_id=round_id))
-        judges = judge_calibrations(session, round_id)
-    rows = principle_stats(pairs)
+        found = audit_stats(session, round_id)
+    rows, judges, humans = [*found.principles, found.overall], found.judges, found.humans
     if as_json:
         print_json(
             {
                 "round": round_id,
-                "principles": [asdict(r) for r in rows[:-1]],
-                "overall": asdict(rows[-1]),
+                "principles": [asdict(r) for r in found.principles],
+                "overall": asdict(found.overall),
                 "judges": [asdict(j) for j in judges],
+                "humans": asdict(humans),
             }
         )
         return
@@ -227,6 +225,12 @@ def stats(ctx: typer.Context, round_id: int = ROUND_FILTER, as_json: bool = JSON
             line = f"injection-follow rate {_pct(j.injection_follow_rate)}, gold accuracy {_pct(j.accuracy)}"
             line += f" (calibrated {j.calibrated_at:%Y-%m-%d %H:%M})"
         out.print(f"judge {j.judge} on {j.constitution}: {line}", highlight=False, markup=False)
+    if humans.items:
+        out.print(
+            f"humans: Krippendorff's alpha {_num(humans.alpha)} over {humans.items} pairs labeled by "
+            f"two or more of {humans.raters} people",
+            highlight=False,
+        )
 
 
 @app.command()

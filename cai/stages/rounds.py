@@ -17,11 +17,17 @@ class StartedRound:
 
 
 def start_round(
-    ws: Workspace, constitution: str, policy: str, tag: str | None = None, seed: int = 0
+    ws: Workspace,
+    constitution: str,
+    policy: str,
+    tag: str | None = None,
+    seed: int = 0,
+    actor: str | None = None,
 ) -> StartedRound:
     """Create a round over the train prompts (those tagged `tag`, if given) for `constitution`
     (NAME or NAME@VERSION) and `policy` (the embedded model, a directory or a hub id). Nothing is
-    stored when the constitution is unknown or there is no prompt to sample."""
+    stored when the constitution is unknown or there is no prompt to sample. `actor`: who asked
+    (the action log)."""
     from cai.constitution import parse_ref
     from cai.registry import resolve_model
     from cai.store import repo
@@ -36,4 +42,9 @@ def start_round(
             raise BadInput(f"no {which} in the store; import some first: cai prompts import FILE")
         policy_record = repo.ensure_policy(session, model.name, model.location)
         config = {"split": "train", "tag": tag, "seed": seed, "policy_kind": model.kind}
-        return StartedRound(repo.create_round(session, stored.record, policy_record, config), prompts)
+        created = repo.create_round(session, stored.record, policy_record, config)
+        if actor is not None:
+            from cai.store.actions import record
+
+            record(session, actor, "round.create", f"round {created.id}", constitution=stored.record.ref)
+        return StartedRound(created, prompts)

@@ -90,6 +90,14 @@ def list_pairs(
     return _summaries(session, select(page.subquery().c.id)), total
 
 
+def pair_summary(session: Session, pair_id: int) -> PairSummary:
+    """One pair as the lists show it (its detail, with texts and judgments, is pair_detail)."""
+    found = _summaries(session, select(PairRow.id).where(PairRow.id == pair_id))
+    if not found:
+        raise NotFound(f"pair {pair_id} not found")
+    return found[0]
+
+
 def review_candidates(session: Session, round_id: int) -> list[PairSummary]:
     """The round's labeled pairs that no human has overridden or reviewed yet."""
     pairs = _summaries(session, _pair_ids(PairFilters(round_id=round_id)))

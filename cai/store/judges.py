@@ -11,10 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from cai.store.models import (
-    CalibrationRow,
-    JudgeRow,
-)
+from cai.store.models import CalibrationRow, ConstitutionRow, JudgeRow
 
 # --- judges ------------------------------------------------------------------------------------
 
@@ -120,3 +117,43 @@ def latest_calibration(session: Session, judge_id: int, constitution_id: int) ->
     return CalibrationRecord(
         row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
     )
+
+
+@dataclass(frozen=True)
+class CalibrationEntry:
+    id: int
+    judge: str
+    judge_backend: str
+    constitution: str
+    pairs: int
+    accuracy: float
+    consistency: float
+    injection_follow_rate: float | None
+    created_at: Any
+
+
+def list_calibrations(session: Session, limit: int = 100) -> list[CalibrationEntry]:
+    """Every calibration, newest first, with its judge and constitution named."""
+    rows = session.execute(
+        select(
+            CalibrationRow, JudgeRow.model, JudgeRow.backend, ConstitutionRow.name, ConstitutionRow.version
+        )
+        .join(JudgeRow, JudgeRow.id == CalibrationRow.judge_id)
+        .join(ConstitutionRow, ConstitutionRow.id == CalibrationRow.constitution_id)
+        .order_by(CalibrationRow.id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        CalibrationEntry(
+            id=row.id,
+            judge=model,
+            judge_backend=backend,
+            constitution=f"{name}@{version}",
+            pairs=row.pairs,
+            accuracy=row.accuracy,
+            consistency=row.consistency,
+            injection_follow_rate=row.injection_follow_rate,
+            created_at=row.created_at,
+        )
+        for row, model, backend, name, version in rows
+    ]

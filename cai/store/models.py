@@ -443,3 +443,36 @@ class ApiTokenRow(Created, Base):
     created_by: Mapped[str | None] = mapped_column(String(128))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReviewAssignmentRow(Created, Base):
+    """A pair in an annotator's review queue for a round (cai.audit.split_queues): queues overlap
+    on purpose, so that agreement between humans can be measured on the shared pairs."""
+
+    __tablename__ = "review_assignments"
+    __table_args__ = (UniqueConstraint("round_id", "annotator", "pair_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    annotator: Mapped[str] = mapped_column(String(200))
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    """Order within the annotator's queue, from 0."""
+    shared: Mapped[bool]
+    """In every annotator's queue of this batch (the overlap)."""
+    assigned_by: Mapped[str] = mapped_column(String(200))
+
+
+class ActionRow(Created, Base):
+    """One write through the service or the CLI and who made it: what `every write records its
+    actor` rests on, beside the rows the write itself added (an override's author, say)."""
+
+    __tablename__ = "actions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    actor: Mapped[str] = mapped_column(String(200), index=True)
+    verb: Mapped[str] = mapped_column(String(64))
+    """e.g. 'constitution.register', 'prompts.import', 'round.create', 'job.submit'."""
+    subject: Mapped[str] = mapped_column(String(200))
+    """What it acted on: 'helpful@2', 'round 3', 'job 12'."""
+    detail: Mapped[dict[str, Any]]

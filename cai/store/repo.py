@@ -24,6 +24,7 @@ from cai.store.models import (
     PromptTagRow,
     ResponseRow,
     RoundRow,
+    TrainingRunRow,
     utcnow,
 )
 
@@ -230,11 +231,19 @@ def _prompt_query(split: str | None, tag: str | None) -> Any:
 
 
 def list_prompts(
-    session: Session, split: str | None = None, tag: str | None = None, limit: int = 50, offset: int = 0
+    session: Session,
+    split: str | None = None,
+    tag: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    after: int | None = None,
 ) -> tuple[list[PromptRecord], int]:
-    """One page of prompts and the total matching count."""
+    """One page of prompts in id order (ids above `after`, a cursor, when given) and the total
+    matching count."""
     query = _prompt_query(split, tag)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    if after is not None:
+        query = query.where(PromptRow.id > after)
     rows = list(session.scalars(query.order_by(PromptRow.id).limit(limit).offset(offset)))
     tags: dict[int, list[str]] = {}
     for prompt_id, tag_value in session.execute(
@@ -280,6 +289,61 @@ def get_policy(session: Session, name: str) -> PolicyRecord:
     if row is None:
         raise NotFound(f"policy {name!r} not found")
     return PolicyRecord(row.id, row.name, row.model_ref, row.parent_id)
+
+
+@dataclass(frozen=True)
+class PolicyLineage:
+    id: int
+    name: str
+    model_ref: str
+    parent: str | None
+    lineage: list[str]
+    """Names from the base model to this policy."""
+    trained_in_round: int | None
+    snapshot_sha256: str | None
+    constitution: str | None
+    created_at: datetime
+
+
+def policy_lineages(session: Session) -> list[PolicyLineage]:
+    """Every policy with the chain of policies it was trained from and the round that trained it."""
+    rows = {row.id: row for row in session.scalars(select(PolicyRow).order_by(PolicyRow.id))}
+    trained_in = dict(
+        session.execute(
+            select(TrainingRunRow.output_policy_id, func.max(TrainingRunRow.round_id))
+            .where(TrainingRunRow.output_policy_id.is_not(None))
+            .group_by(TrainingRunRow.output_policy_id)
+        ).all()
+    )
+    refs = {
+        row.id: f"{row.name}@{row.version}"
+        for row in session.scalars(
+            select(ConstitutionRow).where(ConstitutionRow.id.in_({r.constitution_id for r in rows.values()}))
+        )
+    }
+
+    def chain(policy: PolicyRow) -> list[str]:
+        names, seen = [policy.name], {policy.id}
+        while policy.parent_id is not None and policy.parent_id in rows and policy.parent_id not in seen:
+            policy = rows[policy.parent_id]
+            names.append(policy.name)
+            seen.add(policy.id)
+        return names[::-1]
+
+    return [
+        PolicyLineage(
+            id=row.id,
+            name=row.name,
+            model_ref=row.model_ref,
+            parent=rows[row.parent_id].name if row.parent_id in rows else None,
+            lineage=chain(row),
+            trained_in_round=trained_in.get(row.id),
+            snapshot_sha256=row.snapshot_sha256,
+            constitution=refs.get(row.constitution_id) if row.constitution_id else None,
+            created_at=row.created_at,
+        )
+        for row in rows.values()
+    ]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
+from cai.errors import NotFound
 from cai.store.models import (
     ConstitutionRow,
     JudgeRow,
@@ -159,3 +160,16 @@ def record_snapshot(
     session.add(row)
     session.flush()
     return row.id, True
+
+
+def list_snapshots(session: Session, round_id: int) -> list[SnapshotRow]:
+    return list(
+        session.scalars(select(SnapshotRow).where(SnapshotRow.round_id == round_id).order_by(SnapshotRow.id))
+    )
+
+
+def get_snapshot(session: Session, snapshot_id: int) -> SnapshotRow:
+    row = session.get(SnapshotRow, snapshot_id)
+    if row is None:
+        raise NotFound(f"snapshot {snapshot_id} not found")
+    return row

@@ -64,6 +64,18 @@ def authenticate(session: Session, token: str) -> Actor | None:
     return Actor(row.name, Role.parse(row.role))
 
 
+def active_actor(session: Session, name: str) -> Actor | None:
+    """The holder of the token named `name`, unless it is revoked or unknown."""
+    row = session.scalar(
+        select(ApiTokenRow).where(ApiTokenRow.name == name, ApiTokenRow.revoked_at.is_(None))
+    )
+    return Actor(row.name, Role.parse(row.role)) if row is not None else None
+
+
+def any_active(session: Session) -> bool:
+    return session.scalar(select(ApiTokenRow.id).where(ApiTokenRow.revoked_at.is_(None)).limit(1)) is not None
+
+
 def revoke(session: Session, name: str) -> bool:
     """Revoke the token named `name`; False when there is none, or it was revoked already."""
     result = session.execute(
