@@ -316,7 +316,7 @@ def test_writes_need_a_login_and_a_matching_csrf_token(
     assert f'href="/login?next=%2Fpairs%2F{clear}"' in refused.text  # back to the pair, not the POST
 
     wrong = writer.post("/login", data={"token": TOKEN + "x", "csrf": csrf})
-    assert wrong.status_code == 403 and "not the write token" in problems(wrong.text)
+    assert wrong.status_code == 403 and "unknown or revoked" in problems(wrong.text)
     no_csrf = writer.post("/login", data={"token": TOKEN}, follow_redirects=False)
     assert no_csrf.status_code == 403 and "security token" in problems(no_csrf.text)
     assert "cai_auth" not in writer.cookies

@@ -13,22 +13,24 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
+from cai.auth import BOOTSTRAP_ACTOR, Actor, Role
 from cai.errors import BadInput, NotFound
-from cai.web.common import client, logged_in, render, set_session, transaction, web
+from cai.web.common import accepts_logins, client, current_actor, render, set_session, transaction, web
 from cai.web.security import SESSION_COOKIE, new_session_id, safe_next
 
 router = APIRouter()
 
 READ_ONLY = (
-    "This server is read-only: it was started without CAI_WEB_TOKEN, so overrides and reviews "
-    "cannot be recorded here. Use `cai audit override` or restart `cai web` with the variable set."
+    "This server is read-only: it was started without CAI_WEB_TOKEN and the store holds no API "
+    "token, so nobody can log in. Create one with `cai token create --name NAME --role annotator`, "
+    "restart `cai web` with CAI_WEB_TOKEN set, or use `cai audit override`."
 )
 STALE_FORM = (
     "The form's security token is missing or does not match this browser's session "
     "(an old tab, or cookies blocked). Reload the page and submit again."
 )
-NOT_LOGGED_IN = "Log in with the write token before recording overrides or reviews."
-WRONG_TOKEN = "That is not the write token this server was started with."
+NOT_LOGGED_IN = "Log in with your token before recording overrides or reviews."
+WRONG_TOKEN = "That token is unknown or revoked (neither CAI_WEB_TOKEN nor a `cai token create` token)."
 THROTTLED = {
     "client": "Too many failed logins from your address. Wait {wait} and try again; the token "
     "was not checked this time.",
@@ -46,7 +48,7 @@ def login_form(request: Request, next: str = "/") -> Response:
 @router.post("/login")
 def login(request: Request, token: str = Form(""), csrf: str = Form(""), next: str = Form("/")) -> Response:
     guard = web(request).guard
-    if not guard.writable:
+    if not accepts_logins(request):
         raise HTTPException(403, READ_ONLY)
     _check_csrf(request, csrf)
     # After the CSRF check: a forged cross-site POST must not use up the victim's attempts.
@@ -57,15 +59,28 @@ def login(request: Request, token: str = Form(""), csrf: str = Form(""), next: s
         page = render(request, "login.html", 429, section="login", next=safe_next(next), problems=problems)
         page.headers["Retry-After"] = str(attempt.retry_after)
         return page
-    if not guard.token_matches(token):
+    actor = _token_actor(request, token.strip())
+    if actor is None:
         problems = [WRONG_TOKEN]
         return render(request, "login.html", 403, section="login", next=safe_next(next), problems=problems)
     web(request).throttle.succeeded(attempt)
     # A fresh session id on login: a session id known before logging in is worth nothing after.
     sid = new_session_id()
     response = RedirectResponse(safe_next(next), status_code=303)
-    set_session(request, response, sid, guard.auth_value(sid))
+    set_session(request, response, sid, guard.auth_value(sid, actor.name))
     return response
+
+
+def _token_actor(request: Request, token: str) -> Actor | None:
+    """The bootstrap admin for CAI_WEB_TOKEN, a named token's holder, or None."""
+    from cai.store.tokens import authenticate
+
+    if web(request).guard.token_matches(token):
+        return Actor(BOOTSTRAP_ACTOR, Role.ADMIN)
+    if not token:
+        return None
+    with transaction(request) as session:
+        return authenticate(session, token)
 
 
 @router.post("/logout")
@@ -84,57 +99,76 @@ def override(
     note: str = Form(""),
     author: str = Form(""),
     csrf: str = Form(""),
+    next: str = Form(""),
 ) -> Response:
     from cai.store.audit import add_override
 
-    _require_writer(request, csrf)
+    actor = require_role(request, csrf, Role.ANNOTATOR)
     verdict = {"a": "A", "b": "B", "tie": "tie"}.get(prefer.strip().lower())
     problems = [] if verdict else [f"prefer: choose A, B or tie (got {prefer!r})"]
     if not note.strip():
         problems.append("note: must not be empty; say why you disagree with the judge")
-    problems += _author_problems(author)
+    problems += _author_problems(actor, author)
     if not problems and verdict is not None:
         try:
             with transaction(request) as session:
-                add_override(session, pair_id, verdict, author.strip(), note.strip())
+                add_override(session, pair_id, verdict, _author(actor, author), note.strip())
         except NotFound:
             raise
         except BadInput as exc:  # e.g. no judge label yet; the transaction was rolled back
             problems = exc.problems
         else:
-            return RedirectResponse(f"/pairs/{pair_id}?done=override#audits", status_code=303)
+            return RedirectResponse(_after_decision(pair_id, next, "override"), status_code=303)
     form = {"action": "override", "prefer": prefer, "note": note, "author": author}
     return _pair_with_problems(request, pair_id, form, problems)
 
 
 @router.post("/pairs/{pair_id}/review", response_class=HTMLResponse)
 def review(
-    request: Request, pair_id: int, note: str = Form(""), author: str = Form(""), csrf: str = Form("")
+    request: Request,
+    pair_id: int,
+    note: str = Form(""),
+    author: str = Form(""),
+    csrf: str = Form(""),
+    next: str = Form(""),
 ) -> Response:
     from cai.store.audit import add_review
 
-    _require_writer(request, csrf)
-    problems = _author_problems(author)
+    actor = require_role(request, csrf, Role.ANNOTATOR)
+    problems = _author_problems(actor, author)
     if not problems:
         try:
             with transaction(request) as session:
-                add_review(session, pair_id, author.strip(), note.strip())
+                add_review(session, pair_id, _author(actor, author), note.strip())
         except NotFound:
             raise
         except BadInput as exc:
             problems = exc.problems
         else:
-            return RedirectResponse(f"/pairs/{pair_id}?done=review#audits", status_code=303)
+            return RedirectResponse(_after_decision(pair_id, next, "review"), status_code=303)
     form = {"action": "review", "note": note, "author": author}
     return _pair_with_problems(request, pair_id, form, problems)
 
 
-def _require_writer(request: Request, csrf: str) -> None:
-    if not web(request).guard.writable:
+def require_role(request: Request, csrf: str, role: Role) -> Actor:
+    """The logged-in actor if it holds `role`; 403 for a read-only server, a stale form, no
+    login, or a role below `role`, checked in that order."""
+    if not accepts_logins(request):
         raise HTTPException(403, READ_ONLY)
     _check_csrf(request, csrf)
-    if not logged_in(request):
+    actor = current_actor(request)
+    if actor is None:
         raise HTTPException(403, NOT_LOGGED_IN)
+    if not actor.role.allows(role):
+        raise HTTPException(403, f"This needs the {role.label} role; {actor.name} is {actor.role.label}.")
+    return actor
+
+
+def _after_decision(pair_id: int, next: str, action: str) -> str:
+    # From an annotator's queue the next pair follows; from a pair page, the pair with its audits.
+    if next.startswith("/queue"):
+        return safe_next(next)
+    return f"/pairs/{pair_id}?done={action}#audits"
 
 
 def _check_csrf(request: Request, csrf: str) -> None:
@@ -143,9 +177,16 @@ def _check_csrf(request: Request, csrf: str) -> None:
         raise HTTPException(403, STALE_FORM)
 
 
-def _author_problems(author: str) -> list[str]:
+def _author(actor: Actor, author: str) -> str:
+    """A named token's holder decides as themselves; the shared bootstrap token says who."""
+    return author.strip() if actor.name == BOOTSTRAP_ACTOR else actor.name
+
+
+def _author_problems(actor: Actor, author: str) -> list[str]:
     from cai.store.models import AuditRow
 
+    if actor.name != BOOTSTRAP_ACTOR:
+        return []
     limit = getattr(AuditRow.__table__.c.author.type, "length", None) or 200
     if not author.strip():
         return ["author: must not be empty; say who is deciding"]

@@ -10,10 +10,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cai.errors import BadInput, NotFound
-from cai.web.common import HERE, Web, render, set_session
+from cai.web.common import HERE, Web, render, resolve_login, set_session
 from cai.web.security import (
     SESSION_COOKIE,
     Guard,
@@ -43,16 +44,17 @@ def create_app(database_url: str, token: str | None = None, throttle: LoginThrot
     record overrides and reviews. `throttle` limits failed logins (default: LoginThrottle())."""
     from cai.api.app import create_api
     from cai.config import load_settings
-    from cai.web import actions, pages
+    from cai.web import actions, pages, service
     from cai.workspace import Workspace
 
     token = token or None
     check_token(token)
     workspace = Workspace(load_settings(database_url=database_url))
     app = FastAPI(title="cai", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.web = Web(workspace.engine, Guard(token), throttle or LoginThrottle())
+    app.state.web = Web(workspace, Guard(token), throttle or LoginThrottle())
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.mount(API_PREFIX, create_api(workspace, bootstrap_token=token))
+    app.include_router(service.router)  # first: /rounds/new must not read as /rounds/{round_id}
     app.include_router(pages.router)
     app.include_router(actions.router)
 
@@ -70,6 +72,8 @@ def create_app(database_url: str, token: str | None = None, throttle: LoginThrot
         fresh = not valid_session_id(current)
         request.state.session_id = new_session_id() if fresh else current
         request.state.session_set = False
+        if not request.url.path.startswith("/static/"):
+            await run_in_threadpool(resolve_login, request)
         response = await call_next(request)
         if fresh and not request.state.session_set:
             set_session(request, response, request.state.session_id, auth=None)

@@ -18,10 +18,12 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from cai.auth import BOOTSTRAP_ACTOR, Actor, Role
 from cai.web.security import AUTH_COOKIE, SESSION_COOKIE, Guard, LoginThrottle, client_key
 
 if TYPE_CHECKING:
     from cai.store.reporting import ReportData
+    from cai.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
 PLOT_CACHE_SIZE = 8
@@ -45,12 +47,16 @@ def template_env() -> Environment:
 
 @dataclass
 class Web:
-    engine: Engine
+    workspace: Workspace
     guard: Guard
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     env: Environment = field(default_factory=template_env)
     _plots: OrderedDict[str, dict[str, bytes]] = field(default_factory=OrderedDict)
     _plots_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def engine(self) -> Engine:
+        return self.workspace.engine
 
     def plots(self, data: ReportData) -> dict[str, bytes]:
         """The report's PNG plots for `data`. The dashboard and its <img> requests ask for the
@@ -113,14 +119,52 @@ def over_https(request: Request) -> bool:
     return forwarded.split(",")[0].strip().lower() == "https"
 
 
+def resolve_login(request: Request) -> None:
+    """Look up, once and before the page's own transaction opens (SQLite takes its write lock
+    at BEGIN, so a second transaction inside the first would wait on itself), who this browser
+    is logged in as and whether a login could succeed at all. The middleware calls it."""
+    state = web(request)
+    name = state.guard.logged_in_as(request.cookies.get(SESSION_COOKIE), request.cookies.get(AUTH_COOKIE))
+    actor, accepts = None, bool(state.guard.token)
+    if name == BOOTSTRAP_ACTOR:
+        actor = Actor(name, Role.ADMIN) if state.guard.token else None
+    if (name is not None and name != BOOTSTRAP_ACTOR) or not accepts:
+        from cai.store.tokens import active_actor, any_active
+
+        with transaction(request) as session:
+            if name is not None and name != BOOTSTRAP_ACTOR:
+                # Checked on every request, so revoking a token logs its browsers out.
+                actor = active_actor(session, name)
+            accepts = accepts or any_active(session)
+    request.state.actor, request.state.accepts_logins = actor, accepts
+
+
+def current_actor(request: Request) -> Actor | None:
+    """Who this browser is logged in as: the bootstrap admin, or a named token's holder while
+    that token is not revoked."""
+    if not hasattr(request.state, "actor"):
+        resolve_login(request)
+    actor: Actor | None = request.state.actor
+    return actor
+
+
 def logged_in(request: Request) -> bool:
-    return web(request).guard.logged_in(request.cookies.get(SESSION_COOKIE), request.cookies.get(AUTH_COOKIE))
+    return current_actor(request) is not None
+
+
+def accepts_logins(request: Request) -> bool:
+    """A login can succeed: the server has a bootstrap token, or the store an active named one."""
+    if not hasattr(request.state, "accepts_logins"):
+        resolve_login(request)
+    accepts: bool = request.state.accepts_logins
+    return accepts
 
 
 def render(
     request: Request, template: str, status: int = 200, section: str = "", **context: Any
 ) -> HTMLResponse:
     guard = web(request).guard
+    actor = current_actor(request)
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     if request.method != "GET":
         # Where "log in" should come back to: the page a form was posted from, never the
@@ -132,8 +176,12 @@ def render(
         .render(
             section=section,
             here=here,
-            writable=guard.writable,
-            logged_in=logged_in(request),
+            writable=accepts_logins(request),
+            logged_in=actor is not None,
+            actor=actor,
+            can_annotate=actor is not None and actor.role.allows(Role.ANNOTATOR),
+            can_operate=actor is not None and actor.role.allows(Role.OPERATOR),
+            bootstrap_actor=BOOTSTRAP_ACTOR,
             csrf=guard.csrf_token(session_id(request)),
             **context,
         )

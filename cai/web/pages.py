@@ -48,20 +48,40 @@ def dashboard(request: Request) -> Response:
 
 @router.get("/rounds/{round_id}", response_class=HTMLResponse)
 def round_page(request: Request, round_id: int) -> Response:
+    return render_round(request, round_id)
+
+
+def render_round(
+    request: Request,
+    round_id: int,
+    job_form: dict[str, str] | None = None,
+    problems: list[str] | None = None,
+    status: int = 200,
+) -> Response:
+    """The round, its jobs, and (for operators) the forms that run a job or hand out review
+    queues; `job_form` and `problems` show a refused form back."""
     from cai.report import PLOTS, round_notes
     from cai.store import repo
+    from cai.store.jobs import list_jobs
     from cai.store.reporting import gather_report
+    from cai.web.service import JOB_KINDS_FROM_A_ROUND
 
     with transaction(request) as session:
         record = repo.get_round(session, round_id)  # NotFound -> 404 page
         counts = repo.round_counts(session, round_id)
         data = gather_report(session, round_id)
+        jobs = list_jobs(session, round_id=round_id, limit=20)
     plots = web(request).plots(data)
     (report,) = data.shown
     return render(
         request,
         "round.html",
+        status,
         section="rounds",
+        jobs=jobs,
+        job_kinds=JOB_KINDS_FROM_A_ROUND,
+        form=job_form or {},
+        problems=problems or [],
         record=record,
         counts=counts,
         report=report,
@@ -224,24 +244,22 @@ def pair_page(request: Request, pair_id: int) -> Response:
 
 @router.get("/stats", response_class=HTMLResponse)
 def stats(request: Request, round_param: str = ROUND_QUERY) -> Response:
-    from cai.audit import ALL, principle_stats
+    from cai.audit import ALL
     from cai.store import repo
-    from cai.store.audit import PairFilters, judge_calibrations, list_pairs
+    from cai.store.audit_stats import audit_stats
 
     round_id = _round_param(round_param)
     with transaction(request) as session:
-        if round_id is not None:
-            repo.get_round(session, round_id)
-        found, _ = list_pairs(session, PairFilters(round_id=round_id))
-        judges = judge_calibrations(session, round_id)
+        found = audit_stats(session, round_id)
         rounds = [r.id for r in repo.list_rounds(session)]
     return render(
         request,
         "stats.html",
         section="stats",
-        rows=principle_stats(found),
+        rows=[*found.principles, found.overall],
         all_name=ALL,
-        judges=judges,
+        judges=found.judges,
+        humans=found.humans,
         rounds=rounds,
         round_id=round_id,
     )

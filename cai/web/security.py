@@ -56,12 +56,9 @@ def valid_session_id(value: str | None) -> bool:
 @dataclass(frozen=True)
 class Guard:
     token: str | None
-    """The write token; None makes the whole UI read-only."""
+    """The bootstrap token (CAI_WEB_TOKEN), which logs in as an admin; without it, only the
+    named tokens of `cai token create` log in, and with none of those the UI is read-only."""
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
-
-    @property
-    def writable(self) -> bool:
-        return self.token is not None
 
     def token_matches(self, given: str) -> bool:
         if self.token is None:
@@ -76,13 +73,19 @@ class Guard:
             return False
         return hmac.compare_digest(given.encode(), self.csrf_token(session_id).encode())
 
-    def auth_value(self, session_id: str) -> str:
-        return self._sign("auth", session_id)
+    def auth_value(self, session_id: str, actor: str) -> str:
+        """The login cookie: who logged in on this session, signed so it cannot be made up."""
+        return f"{actor}|{self._sign('auth', f'{session_id}|{actor}')}"
 
-    def logged_in(self, session_id: str | None, cookie: str | None) -> bool:
-        if not self.writable or session_id is None or not cookie or not valid_session_id(session_id):
-            return False
-        return hmac.compare_digest(cookie.encode(), self.auth_value(session_id).encode())
+    def logged_in_as(self, session_id: str | None, cookie: str | None) -> str | None:
+        """The name a valid login cookie for this session carries (the caller still checks that
+        its token is not revoked), else None."""
+        if session_id is None or not cookie or not valid_session_id(session_id):
+            return None
+        actor, _, _ = cookie.rpartition("|")
+        if not actor or not hmac.compare_digest(cookie.encode(), self.auth_value(session_id, actor).encode()):
+            return None
+        return actor
 
     def _sign(self, purpose: str, session_id: str) -> str:
         # The purpose prefix keeps a CSRF token from ever doubling as an auth cookie.
