@@ -11,7 +11,8 @@ so the outputs are the same fields in the same layout: `(rows, length - 1)`, zer
 
 A batch that is not laid out that way (answers missing, a prompt that differs between the two
 halves, extra model inputs such as token types) goes to TRL's forward unchanged, and so does a
-model that cannot take the cache in training (gradient checkpointing) or whose head is scaled.
+model that cannot take the cache in training (gradient checkpointing), whose head is scaled, or
+whose head carries an adapter.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def share_prompt_forward(model: Any, outputs: tuple[str, ...]) -> bool:
 
     def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, **kwargs: Any) -> Any:
         plain = fused_lm_head and not args and set(kwargs) <= _PLAIN_INPUTS and "attention_mask" in kwargs
+        # An adapted head (LoRA on lm_head) is more than its weight: TRL's forward handles it.
+        plain = plain and type(self.get_output_embeddings()) is torch.nn.Linear
         # Checkpointed layers drop the cache in training; the prompt could not be kept.
         checkpointed = self.training and any(
             getattr(m, "gradient_checkpointing", False) for m in self.modules()
