@@ -690,3 +690,58 @@ def test_audit_a_round_judged_by_the_fake_server(cli: Cli, engine: Engine, tmp_p
     assert (after["chosen"], after["rejected"]) == (before["rejected"], before["chosen"])
     stats = json.loads(cli("audit", "stats", "--round", round_id, "--json").stdout)
     assert stats["overall"]["human_checked"] == 1 and stats["overall"]["agreement"] == 0.0
+
+
+def test_queue_gives_overlapping_queues_and_refuses_bad_input_unchanged(
+    cli: Cli, engine: Engine, world: World
+) -> None:
+    r = world.round_id
+    before = table_counts(engine)
+    for args, problem in (
+        (["-a", "ana", "-a", "ana"], "given twice"),
+        (["-a", "ana", "--overlap", "1.5"], "overlap"),
+        (["-a", "ana", "--round", "999"], "round 999"),
+    ):
+        result = cli("audit", "queue", "--round", r, *args, expect=2)
+        assert problem in result.output, result.output
+    assert table_counts(engine) == before
+
+    made = json.loads(
+        cli(
+            "audit",
+            "queue",
+            "-r",
+            r,
+            "-a",
+            "ana",
+            "-a",
+            "bo",
+            "--per-annotator",
+            2,
+            "--overlap",
+            0.5,
+            "--json",
+        ).stdout
+    )
+    ana, bo = made["queues"]["ana"], made["queues"]["bo"]
+    assert ana[0] == bo[0] and ana[1] != bo[1] and len(ana) == len(bo) == 2
+    labeled = {world.ids[n] for n in ("clear", "b", "flip", "tie")}
+    assert set(ana) | set(bo) <= labeled
+    again = json.loads(
+        cli(
+            "audit",
+            "queue",
+            "-r",
+            r,
+            "-a",
+            "ana",
+            "-a",
+            "bo",
+            "--per-annotator",
+            2,
+            "--overlap",
+            0.5,
+            "--json",
+        ).stdout
+    )
+    assert again == made  # the same seed draws the same queues, and nothing is stored twice

@@ -289,6 +289,51 @@ def sample(
     )
 
 
+@app.command()
+def queue(
+    ctx: typer.Context,
+    round_id: int = typer.Option(..., "--round", "-r", metavar="ID", show_default=False),
+    annotators: list[str] = typer.Option(
+        ...,
+        "--annotator",
+        "-a",
+        help="An annotator's name, as their token carries it (repeatable).",
+        show_default=False,
+    ),
+    per_annotator: int = typer.Option(20, "--per-annotator", min=1, help="Pairs in each queue."),
+    overlap: float = typer.Option(
+        0.2, "--overlap", min=0.0, max=1.0, help="Share of each queue every annotator gets (for agreement)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the stratified draw."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Give each annotator a review queue on a round, drawn by the stratified sampler of `cai audit
+    sample`, the first --overlap share of it the same pairs for everyone: `cai audit stats` then
+    reports Krippendorff's alpha between them. Annotators work through their queue in the web UI
+    (My queue) or the API; a queue given again replaces the pairs not done yet."""
+    import getpass
+
+    from cai.store import annotators as queues
+    from cai.store import repo
+    from cai.store.actions import record
+
+    with transaction(ctx) as session:
+        repo.get_round(session, round_id)
+        assigned = queues.assign_queues(
+            session, round_id, annotators, per_annotator, overlap, seed, f"cli:{getpass.getuser()}"
+        )
+        record(
+            session, f"cli:{getpass.getuser()}", "queues.assign", f"round {round_id}", annotators=annotators
+        )
+    if as_json:
+        print_json({"round": round_id, "queues": assigned})
+        return
+    for name, pair_ids in assigned.items():
+        out.print(
+            f"{name}: {len(pair_ids)} pairs: {' '.join(map(str, pair_ids))}", highlight=False, markup=False
+        )
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 
