@@ -4,6 +4,7 @@ managed by admins only."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -219,3 +220,15 @@ def test_annotators_override_and_review_pairs_under_their_own_name(
     detail = api.get(f"/pairs/{ids['clear']}", headers=viewer).json()
     assert [(a["author"], a["verdict"]) for a in detail["audits"]] == [("annotator", "B")]
     assert_problem(api.get("/pairs/999999", headers=viewer), 404, "pair 999999 not found")
+
+
+def test_the_reference_page_lists_every_operation_without_a_script(api: TestClient) -> None:
+    schema = api.get("/openapi.json").json()
+    page = api.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script" not in page.text
+    expected = {(m.upper(), path) for path, item in schema["paths"].items() for m in item}
+    shown = set(
+        re.findall(r"<td><code>(GET|POST|PUT|PATCH|DELETE)</code></td><td><code>([^<]+)</code>", page.text)
+    )
+    assert shown == expected and len(shown) > 30

@@ -30,7 +30,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["pair_id"], ["pairs.id"], name=op.f("fk_review_assignments_pair_id_pairs"), ondelete="CASCADE"
         ),
-        sa.ForeignKeyConstraint(["round_id"], ["rounds.id"], name=op.f("fk_review_assignments_round_id_rounds")),
+        sa.ForeignKeyConstraint(
+            ["round_id"], ["rounds.id"], name=op.f("fk_review_assignments_round_id_rounds")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_assignments")),
         sa.UniqueConstraint(
             "round_id", "annotator", "pair_id", name=op.f("uq_review_assignments_round_id_annotator_pair_id")

@@ -7,10 +7,12 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from cai.api import data, problems, quality, resources
 from cai.api.auth import ApiAuth, current_actor, requires
+from cai.api.params import MAX_ID, RoundFilter, RowId
 from cai.auth import Actor, Role
 from cai.errors import Conflict, NotFound
 from cai.store.actions import record
@@ -23,7 +25,7 @@ JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 RoleName = Literal[ROLES]  # type: ignore[valid-type]
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": problems.Problem, "description": problems.TITLES[status]}
-    for status in (401, 403, 404, 409, 422, 429)
+    for status in (400, 401, 403, 404, 409, 422, 429)
 }
 
 
@@ -64,7 +66,7 @@ class JobLog(BaseModel):
 
 class JobRequest(BaseModel):
     kind: JobKind
-    round_id: int | None = None
+    round_id: int | None = Field(None, ge=1, le=MAX_ID)
     settings: dict[str, Any] = Field(default_factory=dict)
     """The stage's settings (as the CLI's flags), validated before anything is stored."""
 
@@ -121,6 +123,7 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
     api.state.auth = ApiAuth(workspace.engine, bootstrap_token, LoginThrottle(per_client=20, overall=200))
     api.state.workspace = workspace
     problems.install(api)
+    api.openapi = lambda: _openapi_with_problems(api)  # type: ignore[method-assign]
     # data first: its /constitutions/{name}/diff must win over /constitutions/{name}/{version}.
     api.include_router(data.router)
     api.include_router(resources.router)
@@ -134,9 +137,9 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
     def list_jobs(
         status: JobStatus | None = None,
         kind: JobKind | None = None,
-        round_id: int | None = None,
+        round_id: RoundFilter = None,
         limit: int = Query(50, ge=1, le=500),
-        cursor: int | None = Query(None, ge=1, description="next_cursor of the page before"),
+        cursor: int | None = Query(None, ge=1, le=MAX_ID, description="next_cursor of the page before"),
         actor: Actor = Depends(requires(Role.VIEWER)),
     ) -> JobPage:
         from cai.store import jobs
@@ -147,18 +150,24 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
         return JobPage(items=[_job(j) for j in page], next_cursor=page[-1].id if len(found) > limit else None)
 
     @api.get("/jobs/{job_id}", response_model=Job, summary="One job with its progress")
-    def get_job(job_id: int, actor: Actor = Depends(requires(Role.VIEWER))) -> Job:
+    def get_job(job_id: RowId, actor: Actor = Depends(requires(Role.VIEWER))) -> Job:
         from cai.store import jobs
 
         with workspace.session() as session:
             return _job(jobs.get_job(session, job_id))
 
     @api.get("/jobs/{job_id}/log", response_model=JobLog, summary="The last lines a job wrote")
-    def job_log(job_id: int, actor: Actor = Depends(requires(Role.VIEWER))) -> JobLog:
+    def job_log(job_id: RowId, actor: Actor = Depends(requires(Role.VIEWER))) -> JobLog:
         from cai.store import jobs
 
         with workspace.session() as session:
             return JobLog(job_id=job_id, lines=jobs.get_job(session, job_id).log.splitlines())
+
+    @api.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        from cai.api.docs import render_docs
+
+        return HTMLResponse(render_docs(api.openapi()))
 
     @api.post("/jobs", response_model=Job, status_code=201, summary="Queue a stage or loop job")
     def submit_job(request: JobRequest, actor: Actor = Depends(requires(Role.OPERATOR))) -> Job:
@@ -167,7 +176,7 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
         return _job(submit_job(workspace, request.kind, request.round_id, request.settings, actor.name))
 
     @api.post("/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")
-    def cancel_job(job_id: int, actor: Actor = Depends(requires(Role.OPERATOR))) -> Job:
+    def cancel_job(job_id: RowId, actor: Actor = Depends(requires(Role.OPERATOR))) -> Job:
         from cai.store import jobs
 
         with workspace.session() as session:
@@ -208,7 +217,7 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
     def list_actions(
         actor_name: str | None = Query(None, alias="actor", max_length=200),
         limit: int = Query(50, ge=1, le=500),
-        cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+        cursor: int | None = Query(None, ge=0, le=MAX_ID, description="next_cursor of the page before"),
         actor: Actor = Depends(requires(Role.ADMIN)),
     ) -> ActionPage:
         from dataclasses import asdict
@@ -223,6 +232,31 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
         )
 
     return api
+
+
+def _openapi_with_problems(api: FastAPI) -> dict[str, Any]:
+    """The schema FastAPI generates, with every error response (400 and up) declared as what the
+    API sends: application/problem+json bodies of the Problem model. FastAPI would document its
+    own 422 shape, as application/json."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            for status, response in operation.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400:
+                    response["content"] = problem
+                    response["description"] = problems.TITLES.get(
+                        int(status), response.get("description", "")
+                    )
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    api.openapi_schema = schema
+    return schema
 
 
 def _job(record: Any) -> Job:

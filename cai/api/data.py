@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from cai.api.auth import requires
+from cai.api.params import MAX_ID, RowId
 from cai.api.resources import workspace
 from cai.auth import Actor, Role
 from cai.errors import BadInput, NotFound
@@ -55,7 +56,7 @@ def list_prompts(
     split: Literal["train", "eval"] | None = None,
     tag: str | None = Query(None, max_length=200),
     limit: int = Query(50, ge=1, le=500),
-    cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+    cursor: int | None = Query(None, ge=0, le=MAX_ID, description="next_cursor of the page before"),
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),
 ) -> PromptPage:
@@ -75,7 +76,7 @@ def list_prompts(
 
 @router.post("/prompts", response_model=PromptImport, status_code=201, summary="Import a prompt file")
 def import_prompts(
-    content: bytes = Body(..., media_type="application/octet-stream", description="The file, as on disk."),
+    content: bytes = Body(b"", media_type="application/octet-stream", description="The file, as on disk."),
     filename: str = Query(..., description="Its name: the suffix (.jsonl, .csv, .parquet) picks the reader."),
     split: Literal["train", "eval"] | None = Query(None, description="For every row (default: the row's)."),
     tag: list[str] = Query([], description="Tags for every imported prompt."),
@@ -147,8 +148,8 @@ class ConstitutionDiff(BaseModel):
 )
 def diff_constitutions(
     name: str,
-    from_version: int = Query(..., alias="from", ge=1),
-    to_version: int = Query(..., alias="to", ge=1),
+    from_version: int = Query(..., alias="from", ge=1, le=MAX_ID),
+    to_version: int = Query(..., alias="to", ge=1, le=MAX_ID),
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),
 ) -> ConstitutionDiff:
@@ -174,7 +175,7 @@ class Snapshot(BaseModel):
 
 @router.get("/rounds/{round_id}/snapshots", response_model=list[Snapshot], summary="A round's exports")
 def list_snapshots(
-    round_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    round_id: RowId, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
 ) -> list[Snapshot]:
     from cai.store import repo, snapshots
 
@@ -188,7 +189,7 @@ def list_snapshots(
 
 @router.get("/snapshots/{snapshot_id}/manifest", summary="The snapshot's manifest.json, checked")
 def snapshot_manifest(
-    snapshot_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    snapshot_id: RowId, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
 ) -> dict[str, Any]:
     from cai.export import load_manifest
 
@@ -202,7 +203,7 @@ def snapshot_manifest(
     responses={200: {"content": {"application/vnd.apache.parquet": {}}}},
 )
 def snapshot_file(
-    snapshot_id: int,
+    snapshot_id: RowId,
     split: Literal["train", "eval"],
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),

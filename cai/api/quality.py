@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from cai.api.auth import requires
+from cai.api.params import MAX_ID, RoundFilter, RowId
 from cai.api.resources import workspace
 from cai.audit import HumanAgreement, PrincipleStats
 from cai.auth import Actor, Role
@@ -34,7 +35,7 @@ class AuditStats(BaseModel):
 
 @router.get("/audit/stats", response_model=AuditStats, summary="The judge per principle, and the humans")
 def get_audit_stats(
-    round_id: int | None = None,
+    round_id: RoundFilter = None,
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),
 ) -> AuditStats:
@@ -52,7 +53,7 @@ class QueueRequest(BaseModel):
     per_annotator: int = Field(20, ge=1, le=10_000)
     overlap: float = Field(0.2, ge=0, le=1)
     """Share of each queue that every annotator gets: agreement is measured there."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_ID)
 
 
 class Queues(BaseModel):
@@ -74,7 +75,7 @@ class QueueState(BaseModel):
     "/rounds/{round_id}/queues", response_model=Queues, status_code=201, summary="Assign review queues"
 )
 def assign_queues(
-    round_id: int,
+    round_id: RowId,
     request: QueueRequest,
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.OPERATOR)),
@@ -102,7 +103,7 @@ def assign_queues(
     "/rounds/{round_id}/queue", response_model=QueueState, summary="The caller's queue and its next pair"
 )
 def my_queue(
-    round_id: int,
+    round_id: RowId,
     annotator: str | None = Query(
         None, max_length=200, description="Someone else's (operators); default: yours."
     ),
@@ -141,7 +142,7 @@ class Evaluation(BaseModel):
     "/rounds/{round_id}/evaluation", response_model=Evaluation, summary="The round's latest evaluation"
 )
 def get_evaluation(
-    round_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    round_id: RowId, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
 ) -> Evaluation:
     from dataclasses import asdict
 
@@ -206,7 +207,7 @@ class RoundReport(BaseModel):
     summary="The round report's data (what `cai report` plots)",
 )
 def round_report(
-    round_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    round_id: RowId, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
 ) -> RoundReport:
     from cai.store.reporting import gather_report
 

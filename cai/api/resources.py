@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from cai.api.auth import requires
+from cai.api.params import MAX_ID, RoundFilter, RowId
 from cai.auth import Actor, Role
 from cai.registry import EMBEDDED_MODEL
 from cai.store.actions import record
@@ -19,7 +20,7 @@ from cai.workspace import Workspace
 
 router = APIRouter()
 YAML_BODY = Body(
-    ...,
+    b"",
     media_type="application/yaml",
     description="The constitution file's text (at most 1 MiB).",
 )
@@ -85,7 +86,7 @@ class RoundRequest(BaseModel):
     policy: str = EMBEDDED_MODEL
     tag: str | None = None
     """Sample only the train prompts with this tag."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_ID)
 
 
 def _constitution(record: Any) -> Constitution:
@@ -116,7 +117,10 @@ def list_constitutions(
     summary="One version, parsed and as registered",
 )
 def get_constitution(
-    name: str, version: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    name: str,
+    version: RowId,
+    ws: Workspace = Depends(workspace),
+    actor: Actor = Depends(requires(Role.VIEWER)),
 ) -> ConstitutionDetail:
     from cai.store import repo
 
@@ -163,7 +167,7 @@ def register_constitution(
 @router.get("/rounds", response_model=RoundPage, summary="Rounds, oldest first")
 def list_rounds(
     limit: int = Query(50, ge=1, le=500),
-    cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+    cursor: int | None = Query(None, ge=0, le=MAX_ID, description="next_cursor of the page before"),
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),
 ) -> RoundPage:
@@ -180,7 +184,7 @@ def list_rounds(
 
 @router.get("/rounds/{round_id}", response_model=RoundDetail, summary="One round with its counts")
 def get_round(
-    round_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    round_id: RowId, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
 ) -> RoundDetail:
     from dataclasses import asdict
 
@@ -224,7 +228,7 @@ class ReviewRequest(BaseModel):
 
 @router.get("/pairs", response_model=PairPage, summary="Pairs with the audit filters, in id order")
 def list_pairs(
-    round_id: int | None = None,
+    round_id: RoundFilter = None,
     kind: Literal["sample", "revision", "eval"] | None = Query(None, description="Default: all but eval."),
     principle: str | None = None,
     inconsistent: bool = False,
@@ -233,7 +237,7 @@ def list_pairs(
     max_confidence: float | None = Query(None, ge=0, le=1),
     search: str | None = Query(None, max_length=200),
     limit: int = Query(50, ge=1, le=500),
-    cursor: int | None = Query(None, ge=0, description="next_cursor of the page before"),
+    cursor: int | None = Query(None, ge=0, le=MAX_ID, description="next_cursor of the page before"),
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),
 ) -> PairPage:
@@ -248,7 +252,7 @@ def list_pairs(
 
 @router.get("/pairs/{pair_id}", response_model=PairDetail, summary="A pair with every judgment and label")
 def get_pair(
-    pair_id: int, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
+    pair_id: RowId, ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
 ) -> PairDetail:
     from cai.store import audit
 
@@ -260,7 +264,7 @@ def get_pair(
     "/pairs/{pair_id}/override", response_model=AuditDetail, status_code=201, summary="Override the judge"
 )
 def override(
-    pair_id: int,
+    pair_id: RowId,
     request: OverrideRequest,
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.ANNOTATOR)),
@@ -275,7 +279,7 @@ def override(
     "/pairs/{pair_id}/review", response_model=AuditDetail, status_code=201, summary="Agree with the judge"
 )
 def review(
-    pair_id: int,
+    pair_id: RowId,
     request: ReviewRequest,
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.ANNOTATOR)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, func, insert, or_, select, update
@@ -57,17 +57,8 @@ class Beat:
     cancel_requested: bool
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back naive; everything stored is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def _record(row: Row[Any]) -> JobRecord:
     values = dict(row._mapping)
-    for name in ("heartbeat_at", "created_at", "started_at", "finished_at", "updated_at"):
-        values[name] = _aware(values[name])
     return JobRecord(**values)
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -53,13 +54,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and read back timezone-aware: SQLite hands datetimes back naive,
+    PostgreSQL aware, and an API's date-time (RFC 3339) needs the offset."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class Created:
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class ConstitutionRow(Created, Base):
@@ -146,7 +160,7 @@ class RoundRow(Created, Base):
     parent_round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
     status: Mapped[str] = mapped_column(String(16), default="created")
     config: Mapped[dict[str, Any]]
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
     error: Mapped[str | None] = mapped_column(Text)
     """Why the round failed; cleared when a stage starts again."""
     failed_step: Mapped[str | None] = mapped_column(String(16))
@@ -240,7 +254,7 @@ class JudgmentRow(Created, Base):
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     """Worker holding this item ('host:pid:nonce'); a lease, not a lock, so a killed worker's
     items come back when claimed_until passes (or at once, on the same host)."""
-    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
     raw_output: Mapped[str | None] = mapped_column(Text)
     verdict: Mapped[str | None] = mapped_column(String(8))
     """Pairwise: 'A', 'B' or 'tie', in the pair's own A/B terms (already un-swapped)."""
@@ -315,7 +329,7 @@ class TrainingRunRow(Created, Base):
     config: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any] | None]
     """Final metrics; per-step values are in training_steps."""
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class TrainingStepRow(Base):
@@ -383,7 +397,7 @@ class JobRow(Created, Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     owner: Mapped[str | None] = mapped_column(String(128))
     """The worker holding the job ('host:pid:nonce'); kept after it finishes, for the record."""
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """e.g. {"stage": "judge", "phase": "judging pairs", "done": 3, "total": 10}."""
     log: Mapped[str] = mapped_column(Text, default="")
@@ -393,9 +407,9 @@ class JobRow(Created, Base):
     requested_by: Mapped[str | None] = mapped_column(String(128))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     """Set on a running job; its worker stops at the next batch boundary."""
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class GenerationItemRow(Base):
@@ -421,7 +435,7 @@ class GenerationItemRow(Base):
     seed: Mapped[int]
     status: Mapped[str] = mapped_column(String(16), default="pending")
     claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 ROLES = ("viewer", "annotator", "operator", "admin")
@@ -441,8 +455,8 @@ class ApiTokenRow(Created, Base):
     role: Mapped[str] = mapped_column(String(16))
     token_sha256: Mapped[str] = mapped_column(SHA256, unique=True)
     created_by: Mapped[str | None] = mapped_column(String(128))
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class ReviewAssignmentRow(Created, Base):
