@@ -706,42 +706,25 @@ def test_queue_gives_overlapping_queues_and_refuses_bad_input_unchanged(
         assert problem in result.output, result.output
     assert table_counts(engine) == before
 
-    made = json.loads(
-        cli(
-            "audit",
-            "queue",
-            "-r",
-            r,
-            "-a",
-            "ana",
-            "-a",
-            "bo",
-            "--per-annotator",
-            2,
-            "--overlap",
-            0.5,
-            "--json",
-        ).stdout
+    assign = (
+        "audit",
+        "queue",
+        "-r",
+        r,
+        "-a",
+        "ana",
+        "-a",
+        "bo",
+        "--per-annotator",
+        2,
+        "--overlap",
+        0.5,
+        "--json",
     )
+    made = json.loads(cli(*assign).stdout)
     ana, bo = made["queues"]["ana"], made["queues"]["bo"]
     assert ana[0] == bo[0] and ana[1] != bo[1] and len(ana) == len(bo) == 2
     labeled = {world.ids[n] for n in ("clear", "b", "flip", "tie")}
     assert set(ana) | set(bo) <= labeled
-    again = json.loads(
-        cli(
-            "audit",
-            "queue",
-            "-r",
-            r,
-            "-a",
-            "ana",
-            "-a",
-            "bo",
-            "--per-annotator",
-            2,
-            "--overlap",
-            0.5,
-            "--json",
-        ).stdout
-    )
+    again = json.loads(cli(*assign).stdout)
     assert again == made  # the same seed draws the same queues, and nothing is stored twice

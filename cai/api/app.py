@@ -15,7 +15,7 @@ from cai.api.auth import ApiAuth, current_actor, requires
 from cai.api.params import MAX_ID, RoundFilter, RowId
 from cai.auth import Actor, Role
 from cai.errors import Conflict, NotFound
-from cai.store.actions import record
+from cai.store.actions import ActionRecord, record
 from cai.store.models import JOB_KINDS, JOB_STATUSES, ROLES
 from cai.web.security import LoginThrottle
 from cai.workspace import Workspace
@@ -92,17 +92,8 @@ class CreatedToken(BaseModel):
     """Shown in this response only: the store keeps its SHA-256."""
 
 
-class Action(BaseModel):
-    id: int
-    actor: str
-    verb: str
-    subject: str
-    detail: dict[str, Any]
-    created_at: datetime
-
-
 class ActionPage(BaseModel):
-    items: list[Action]
+    items: list[ActionRecord]
     next_cursor: int | None
 
 
@@ -220,16 +211,13 @@ def create_api(workspace: Workspace, bootstrap_token: str | None = None) -> Fast
         cursor: int | None = Query(None, ge=0, le=MAX_ID, description="next_cursor of the page before"),
         actor: Actor = Depends(requires(Role.ADMIN)),
     ) -> ActionPage:
-        from dataclasses import asdict
 
         from cai.store.actions import list_actions
 
         with workspace.session() as session:
             found = list_actions(session, actor_name, limit=limit + 1, before=cursor)
         page = found[:limit]
-        return ActionPage(
-            items=[Action(**asdict(a)) for a in page], next_cursor=page[-1].id if len(found) > limit else None
-        )
+        return ActionPage(items=page, next_cursor=page[-1].id if len(found) > limit else None)
 
     return api
 

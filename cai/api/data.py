@@ -19,6 +19,7 @@ from cai.api.resources import workspace
 from cai.auth import Actor, Role
 from cai.errors import BadInput, NotFound
 from cai.store.actions import record
+from cai.store.repo import PolicyLineage
 from cai.workspace import Workspace
 
 router = APIRouter()
@@ -108,27 +109,16 @@ def import_prompts(
     return PromptImport(**asdict(report))
 
 
-class Policy(BaseModel):
-    id: int
-    name: str
-    model_ref: str
-    parent: str | None
-    lineage: list[str]
-    """Names from the base model to this policy."""
-    trained_in_round: int | None
-    snapshot_sha256: str | None
-    constitution: str | None
-    created_at: datetime
-
-
-@router.get("/policies", response_model=list[Policy], summary="Every policy, with the rounds that made it")
+@router.get(
+    "/policies", response_model=list[PolicyLineage], summary="Every policy, with the rounds that made it"
+)
 def list_policies(
     ws: Workspace = Depends(workspace), actor: Actor = Depends(requires(Role.VIEWER))
-) -> list[Policy]:
+) -> list[PolicyLineage]:
     from cai.store import repo
 
     with ws.session() as session:
-        return [Policy(**p.__dict__) for p in repo.policy_lineages(session)]
+        return repo.policy_lineages(session)
 
 
 class ConstitutionDiff(BaseModel):

@@ -3,7 +3,6 @@ humans), per-annotator review queues, evaluations, judge calibrations and the ro
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -18,6 +17,7 @@ from cai.errors import NotFound
 from cai.stages.settings import CalibrateSettings
 from cai.store.actions import record
 from cai.store.audit import JudgeCalibration, PairSummary
+from cai.store.judges import CalibrationEntry
 from cai.store.reporting import RoundReport as RoundHistory
 from cai.workspace import Workspace
 
@@ -157,30 +157,18 @@ def get_evaluation(
     return Evaluation(**asdict(found), win_rate=found.win_rate)
 
 
-class Calibration(BaseModel):
-    id: int
-    judge: str
-    judge_backend: str
-    constitution: str
-    pairs: int
-    accuracy: float
-    consistency: float
-    injection_follow_rate: float | None
-    created_at: datetime
-
-
-@router.get("/calibrations", response_model=list[Calibration], summary="Judge calibrations, newest first")
+@router.get(
+    "/calibrations", response_model=list[CalibrationEntry], summary="Judge calibrations, newest first"
+)
 def list_calibrations(
     limit: int = Query(100, ge=1, le=1000),
     ws: Workspace = Depends(workspace),
     actor: Actor = Depends(requires(Role.VIEWER)),
-) -> list[Calibration]:
-    from dataclasses import asdict
-
+) -> list[CalibrationEntry]:
     from cai.store.judges import list_calibrations
 
     with ws.session() as session:
-        return [Calibration(**asdict(c)) for c in list_calibrations(session, limit)]
+        return list_calibrations(session, limit)
 
 
 @router.post("/calibrations", status_code=202, summary="Calibrate a judge (queues a calibrate job)")

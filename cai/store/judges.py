@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -129,7 +130,7 @@ class CalibrationEntry:
     accuracy: float
     consistency: float
     injection_follow_rate: float | None
-    created_at: Any
+    created_at: datetime
 
 
 def list_calibrations(session: Session, limit: int = 100) -> list[CalibrationEntry]:
