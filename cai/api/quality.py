@@ -15,7 +15,6 @@ from cai.audit import HumanAgreement, PrincipleStats
 from cai.auth import Actor, Role
 from cai.errors import NotFound
 from cai.stages.settings import CalibrateSettings
-from cai.store.actions import record
 from cai.store.audit import JudgeCalibration, PairSummary
 from cai.store.judges import CalibrationEntry
 from cai.store.reporting import RoundReport as RoundHistory
@@ -95,7 +94,6 @@ def assign_queues(
             request.seed,
             actor.name,
         )
-        record(session, actor.name, "queues.assign", f"round {round_id}", **request.model_dump())
     return Queues(round_id=round_id, queues=queues)
 
 

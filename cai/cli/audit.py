@@ -315,15 +315,11 @@ def queue(
 
     from cai.store import annotators as queues
     from cai.store import repo
-    from cai.store.actions import record
 
     with transaction(ctx) as session:
         repo.get_round(session, round_id)
         assigned = queues.assign_queues(
             session, round_id, annotators, per_annotator, overlap, seed, f"cli:{getpass.getuser()}"
-        )
-        record(
-            session, f"cli:{getpass.getuser()}", "queues.assign", f"round {round_id}", annotators=annotators
         )
     if as_json:
         print_json({"round": round_id, "queues": assigned})

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from cai.audit import HumanAgreement, human_agreement, queue_size, review_queue, split_queues
 from cai.errors import BadInput
+from cai.store.actions import record
 from cai.store.audit import HIDDEN_KIND, PairSummary, pair_summary, review_candidates
 from cai.store.models import AuditRow, LabelRow, PairRow, ReviewAssignmentRow
 
@@ -119,6 +120,16 @@ def assign_queues(
             for i, pair_id in enumerate(fresh)
         )
     session.flush()
+    record(
+        session,
+        assigned_by,
+        "queues.assign",
+        f"round {round_id}",
+        annotators=names,
+        per_annotator=per_annotator,
+        overlap=overlap,
+        seed=seed,
+    )
     return queues
 
 

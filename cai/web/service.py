@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from cai.auth import Role
@@ -215,7 +215,6 @@ def assign_queues(
 ) -> Response:
     from cai.store import annotators as queues
     from cai.store import repo
-    from cai.store.actions import record
 
     actor = require_role(request, csrf, Role.OPERATOR)
     names = [name.strip() for name in annotators.replace("\n", ",").split(",") if name.strip()]
@@ -228,14 +227,6 @@ def assign_queues(
         with transaction(request) as session:
             repo.get_round(session, round_id)
             queues.assign_queues(session, round_id, names, size, share, _int("seed", seed), actor.name)
-            record(
-                session,
-                actor.name,
-                "queues.assign",
-                f"round {round_id}",
-                annotators=names,
-                per_annotator=size,
-            )
     except BadInput as exc:
         form = {"annotators": annotators, "per_annotator": per_annotator, "overlap": overlap}
         return _round_with_problems(request, round_id, form, exc.problems)
@@ -243,7 +234,7 @@ def assign_queues(
 
 
 @router.get("/queue", response_class=HTMLResponse)
-def queue_page(request: Request, round_param: str = "") -> Response:
+def queue_page(request: Request, round_param: str = Query("", alias="round")) -> Response:
     """The logged-in annotator's queue on a round (their newest round with one, by default):
     the next pair in full, with the decision forms, which come back here."""
     from sqlalchemy import select
@@ -255,7 +246,6 @@ def queue_page(request: Request, round_param: str = "") -> Response:
     actor = current_actor(request)
     if actor is None:
         return render(request, "queue.html", section="queue", rounds=[], state=None, d=None, round_id=None)
-    round_param = request.query_params.get("round", round_param)
     with transaction(request) as session:
         rounds = list(
             session.scalars(
