@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai.allocator import freed_memory_kept
+from cai.confidence_loss import ConfidenceMode
 from cai.errors import BadInput
 
 if TYPE_CHECKING:
@@ -84,6 +85,10 @@ class TrainConfig(BaseModel):
     # (cai/shared_prompt.py); on demo-shaped rounds that skips about a quarter of the tokens.
     # False: TRL's forward over [chosen; rejected] as it stacks them.
     share_prompt: bool = True
+    # How each pair's confidence (the judge's probability for the chosen answer, exported per pair)
+    # enters the loss: 'off' trains on hard labels; 'cdpo' smooths each pair's label by 1 - p;
+    # 'weight' scales each pair's term by 2p - 1 (cai/confidence_loss.py).
+    confidence_loss: ConfidenceMode = "off"
     seed: int = 0
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=50, ge=1)  # a checkpoint to resume from; only the latest is kept
@@ -116,6 +121,21 @@ class TrainConfig(BaseModel):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _confidence_needs_sigmoid(self) -> TrainConfig:
+        if self.confidence_loss == "off":
+            return self
+        if self.loss_type != ["sigmoid"] or (self.loss_weights or [1.0]) != [1.0]:
+            raise ValueError(
+                f"confidence_loss {self.confidence_loss!r} reshapes the sigmoid DPO loss; use loss_type sigmoid alone"
+            )
+        if not self.precompute_ref_log_probs:
+            raise ValueError(
+                f"confidence_loss {self.confidence_loss!r} reads the precomputed reference log-probs; "
+                "set precompute_ref_log_probs true"
             )
         return self
 
@@ -239,7 +259,7 @@ def train_dpo(
     last = last_complete_checkpoint(output_dir)
     # On a GPU the host's allocator is off the step's path; on a CPU it is on it (cai.allocator).
     with contextlib.nullcontext() if gpu else freed_memory_kept():
-        trainer = dpo_trainer_class(config.group_by_length, config.share_prompt)(
+        trainer = dpo_trainer_class(config.group_by_length, config.share_prompt, config.confidence_loss)(
             model=model,
             ref_model=ref_model,
             args=args,
@@ -410,10 +430,13 @@ def pair_lengths(dataset: Dataset) -> list[int]:
 
 
 @functools.cache
-def dpo_trainer_class(group_by_length: bool, share_prompt: bool) -> type:
+def dpo_trainer_class(
+    group_by_length: bool, share_prompt: bool, confidence_loss: ConfidenceMode = "off"
+) -> type:
     """TRL's DPOTrainer with cai's options (TrainConfig's fields): `group_by_length` sorts the tokenized pairs by
     length (the reference pass then pads little) and draws training batches of similar length;
-    `share_prompt` runs each pair's prompt once for both answers."""
+    `share_prompt` runs each pair's prompt once for both answers; `confidence_loss` lets each pair's
+    `confidence` column shape its term of the loss (cai.confidence_loss)."""
     import torch
     from trl import DPOTrainer
 
@@ -447,6 +470,19 @@ def dpo_trainer_class(group_by_length: bool, share_prompt: bool) -> type:
             return (index for b in order for index in batches[b])
 
     class CaiDPOTrainer(DPOTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if confidence_loss != "off":
+                # Set after TRL's own setup, which precomputes the reference log-probs with the
+                # plain collator (it reads the keys it knows and ignores the rest).
+                self.data_collator = _with_confidence(self.data_collator)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            columns: list[str] = list(self._signature_columns or [])
+            if confidence_loss != "off" and "confidence" not in columns:
+                self._signature_columns = [*columns, "confidence"]  # type: ignore[assignment]
+
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
             from datasets import Dataset
 
@@ -470,9 +506,37 @@ def dpo_trainer_class(group_by_length: bool, share_prompt: bool) -> type:
             self._share_prompts()
             return super()._precompute_ref_logps(*args, **kwargs)
 
-        def _compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
             self._share_prompts()
-            return super()._compute_loss(*args, **kwargs)
+            confidence = inputs.pop("confidence", None)
+            if confidence is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            from cai.confidence_loss import correction, sigmoid_loss
+
+            # TRL's forward is observed, not replaced: its outputs give each pair's margin.
+            seen: list[Any] = []
+
+            def observed(*args: Any, **kwargs: Any) -> Any:
+                outputs = model(*args, **kwargs)
+                seen.append(outputs.log_probs)
+                return outputs
+
+            result = super()._compute_loss(observed, inputs, return_outputs)
+            loss = result[0] if return_outputs else result
+            seq_len = inputs["completion_mask"].size(1) - 1
+            chosen, rejected = seen[0][:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+            margins = (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
+            expected = sigmoid_loss(margins, self.beta)
+            if not torch.allclose(loss.detach(), expected.detach(), rtol=1e-4, atol=1e-5):
+                raise RuntimeError(
+                    f"confidence_loss {confidence_loss!r}: the installed TRL's DPO loss ({loss.item():.6f}) is not "
+                    f"the sigmoid loss of its margins ({expected.item():.6f}); this TRL release computes it "
+                    "differently, so confidence cannot be applied. Train with confidence_loss 'off'."
+                )
+            loss = (
+                loss + correction(margins, confidence.to(margins.device), confidence_loss, self.beta).mean()
+            )
+            return (loss, *result[1:]) if return_outputs else loss
 
         def _share_prompts(self) -> None:
             if not share_prompt or getattr(self, "_cai_prompts_shared", False):
@@ -492,6 +556,19 @@ def dpo_trainer_class(group_by_length: bool, share_prompt: bool) -> type:
                 share_prompt_forward(self.ref_model, ("log_probs",))
 
     return CaiDPOTrainer
+
+
+def _with_confidence(collate: Any) -> Any:
+    """`collate` that also stacks each pair's `confidence` (NaN where a label has none)."""
+    import torch
+
+    def collate_with_confidence(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(examples)
+        values = [example.get("confidence") for example in examples]
+        batch["confidence"] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+        return batch
+
+    return collate_with_confidence
 
 
 def _log_forwarder(on_log: OnLog) -> Any:
