@@ -128,6 +128,20 @@ Rule = Annotated[MaxWords | MinWords | MustMatch | MustNotMatch, Field(discrimin
 RULE_CHECKS = ("max_words", "min_words", "must_match", "must_not_match")
 
 
+MAX_EXAMPLES = 8
+"""Worked examples per principle: each is rendered into every judge prompt under it."""
+
+
+class Example(_Strict):
+    """A worked example for the judge: a prompt, two responses, the preferred one and why."""
+
+    prompt: Annotated[str, Field(min_length=1)]
+    response_a: Annotated[str, Field(min_length=1)]
+    response_b: Annotated[str, Field(min_length=1)]
+    preferred: Literal["A", "B", "tie"]
+    why: Annotated[str, Field(min_length=1)]
+
+
 class Principle(_Strict):
     id: Annotated[str, Field(pattern=SLUG, max_length=64)]
     kind: Literal["llm", "rule"] = "llm"
@@ -137,6 +151,8 @@ class Principle(_Strict):
     """The revision request used by the `revise` mode; optional."""
     weight: Annotated[float, Field(gt=0)] = 1.0
     rule: Rule | None = None
+    examples: Annotated[tuple[Example, ...], Field(max_length=MAX_EXAMPLES)] = ()
+    """Few-shot examples shown to the judge with this principle (judged principles only)."""
 
     @model_validator(mode="after")
     def _rule_matches_kind(self) -> Principle:
@@ -144,6 +160,8 @@ class Principle(_Strict):
             raise ValueError("kind 'rule' needs a 'rule' mapping (check: " + "|".join(RULE_CHECKS) + ")")
         if self.kind == "llm" and self.rule is not None:
             raise ValueError("'rule' is only allowed with kind: rule")
+        if self.kind == "rule" and self.examples:
+            raise ValueError("'examples' are for judged principles (kind: llm); a rule is checked in code")
         return self
 
 
@@ -167,10 +185,17 @@ class Constitution(_Strict):
         return f"{self.name}@{self.version}"
 
     def canonical_json(self) -> str:
-        """Key-sorted JSON of the validated content: comments and formatting do not change it."""
-        return json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        )
+        """Key-sorted JSON of the validated content: comments and formatting do not change it.
+        A principle's examples are part of it; a principle without any hashes as it did before
+        principles could carry them."""
+        return json.dumps(self._dump(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def _dump(self, **options: Any) -> dict[str, Any]:
+        data = self.model_dump(mode="json", **options)
+        for principle in data["principles"]:
+            if not principle.get("examples"):
+                principle.pop("examples", None)
+        return data
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
@@ -178,7 +203,7 @@ class Constitution(_Strict):
     def to_yaml(self) -> str:
         """A normalised YAML rendering (used for `show` and `diff`)."""
         return yaml.safe_dump(
-            self.model_dump(mode="json", exclude_none=True),
+            self._dump(exclude_none=True),
             sort_keys=False,
             allow_unicode=True,
             width=100,

@@ -118,7 +118,12 @@ def _constitution_view(constitution: Constitution) -> dict[str, Any]:
 
 
 def _principle_view(principle: Principle) -> dict[str, Any]:
-    return {"id": principle.id, "critique": principle.critique, "revision": principle.revision}
+    return {
+        "id": principle.id,
+        "critique": principle.critique,
+        "revision": principle.revision,
+        "examples": [example.model_dump() for example in principle.examples],
+    }
 
 
 def pairwise_context(
@@ -127,8 +132,13 @@ def pairwise_context(
     conversation: list[dict[str, str]],
     response_a: str,
     response_b: str,
+    reasoning: str = "brief",
 ) -> dict[str, Any]:
-    texts = [m["content"] for m in conversation] + [response_a, response_b]
+    """`reasoning`: 'brief' (a short rationale, then the verdict) or 'cot' (step by step first)."""
+    # The principle's worked examples are fenced like the pair: a constitution is data a user
+    # wrote, and its example responses must not be able to close a fence either.
+    example_texts = [t for e in principle.examples for t in (e.prompt, e.response_a, e.response_b, e.why)]
+    texts = [m["content"] for m in conversation] + [response_a, response_b, *example_texts]
     return {
         "constitution": _constitution_view(constitution),
         "principle": _principle_view(principle),
@@ -136,6 +146,7 @@ def pairwise_context(
         "response_a": response_a,
         "response_b": response_b,
         "boundary": boundary_for(*texts),
+        "reasoning": reasoning,
     }
 
 

@@ -325,3 +325,45 @@ def test_aliases_are_checked_once_not_once_per_use(tmp_path: Path) -> None:
 def test_deep_nesting_is_bad_input_not_a_crash(tmp_path: Path) -> None:
     path = write(tmp_path, VALID + "x: " + "[" * 20_000 + "]" * 20_000 + "\n")
     assert problems_of(path) == [f"{path}: invalid YAML: nested too deeply"]
+
+
+WITH_EXAMPLE = VALID.replace(
+    "    revision: Make it true.\n",
+    """    revision: Make it true.
+    examples:
+      - prompt: Is the Earth flat?
+        response_a: No. It is very nearly a sphere.
+        response_b: Yes, it is flat.
+        preferred: A
+        why: B states a falsehood.
+""",
+)
+
+
+def test_examples_are_part_of_the_hash_and_their_absence_changes_nothing(tmp_path: Path) -> None:
+    plain = load_constitution(write(tmp_path, VALID)).constitution
+    assert '"examples"' not in plain.canonical_json()  # hashes as before principles had examples
+    assert "examples" not in plain.to_yaml()
+    shown = load_constitution(write(tmp_path, WITH_EXAMPLE, "b.yaml")).constitution
+    assert shown.sha256() != plain.sha256()
+    (example,) = shown.principles[0].examples
+    assert (example.preferred, example.why) == ("A", "B states a falsehood.")
+    reworded = WITH_EXAMPLE.replace("B states a falsehood.", "B is false.")
+    assert load_constitution(write(tmp_path, reworded, "c.yaml")).constitution.sha256() != shown.sha256()
+
+
+def test_malformed_examples_name_their_line(tmp_path: Path) -> None:
+    bad = WITH_EXAMPLE.replace("preferred: A", "preferred: C").replace(
+        "        why: B states a falsehood.\n", ""
+    )
+    path = write(tmp_path, bad)
+    assert problems_of(path) == [
+        f"{path}:12: principles[0].examples[0].preferred: Input should be 'A', 'B' or 'tie'",
+        f"{path}:9: principles[0].examples[0].why: Field required",  # the example's mapping
+    ]
+    on_rule = (
+        VALID + "    examples:\n      - {prompt: p, response_a: a, response_b: b, preferred: A, why: w}\n"
+    )
+    path = write(tmp_path, on_rule, "rule.yaml")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:8: principles[1]: ") and "judged principles" in problem
