@@ -40,6 +40,11 @@ class AuditedPair(Protocol):
         ...
 
     @property
+    def lengths(self) -> tuple[int, int]:
+        """The lengths of response A and response B."""
+        ...
+
+    @property
     def failed(self) -> int: ...
 
 
@@ -161,6 +166,18 @@ class PrincipleStats:
     """Labeled pairs a human overrode or reviewed: what agreement and kappa are computed over."""
     agreement: float | None
     kappa: float | None
+    longer_won: float | None = None
+    """Of the judge's decisive labels on pairs of unequal length, the share that chose the
+    longer response (0.5 is no length preference; a FastChat study found about 0.68)."""
+    length_decided: int = 0
+    """How many labels longer_won is over."""
+
+
+def longer_won(pairs: Sequence[AuditedPair]) -> tuple[float | None, int]:
+    """(share of decisive judge labels that chose the longer response, how many there were)."""
+    decided = [p for p in pairs if p.judge_verdict in ("A", "B") and p.lengths[0] != p.lengths[1]]
+    longer = sum((p.judge_verdict == "A") == (p.lengths[0] > p.lengths[1]) for p in decided)
+    return (longer / len(decided) if decided else None), len(decided)
 
 
 def summarize(principle: str, pairs: Sequence[AuditedPair]) -> PrincipleStats:
@@ -169,6 +186,7 @@ def summarize(principle: str, pairs: Sequence[AuditedPair]) -> PrincipleStats:
     inconsistent = sum(p.inconsistent for p in labeled)
     ratings = [(p.judge_verdict, p.human_verdict) for p in labeled]
     checked = agreement([(judge, human) for judge, human in ratings if judge and human])
+    longer, decided = longer_won(labeled)
     return PrincipleStats(
         principle=principle,
         pairs=len(pairs),
@@ -181,6 +199,8 @@ def summarize(principle: str, pairs: Sequence[AuditedPair]) -> PrincipleStats:
         human_checked=checked.pairs,
         agreement=checked.rate,
         kappa=checked.kappa,
+        longer_won=longer,
+        length_decided=decided,
     )
 
 

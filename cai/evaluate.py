@@ -6,6 +6,7 @@ kept beside it. Every step is stored as it finishes, so a rerun resumes."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from cai.backends.base import Sampler
 from cai.constitution import Constitution
-from cai.judge import aggregate_pairwise
+from cai.labelling import judged_label
 from cai.rules import combine
 from cai.store import evaluation, samples
 from cai.store.samples import EVAL_KIND
@@ -36,19 +37,26 @@ class Tally:
     judge: dict[str, int] = field(
         default_factory=lambda: {"wins": 0, "ties": 0, "losses": 0, "inconsistent": 0, "failed": 0}
     )
+    outcomes: dict[int, float] = field(default_factory=dict)
+    """Pair id -> the candidate's result on it: 1 a win, 0.5 a tie, 0 a loss (decided pairs)."""
 
     @property
     def decided(self) -> int:
         return self.wins + self.ties + self.losses
 
 
-def tally(pairs: Sequence[evaluation.JudgedEvalPair], identical: int, has_llm: bool) -> Tally:
-    """Identical answers are ties without a judge call; A is always the candidate."""
+def tally(
+    pairs: Sequence[evaluation.JudgedEvalPair],
+    identical: int,
+    has_llm: bool,
+    band: tuple[float, float] | None = None,
+) -> Tally:
+    """Identical answers are ties without a judge call; A is always the candidate. The judge's
+    verdicts are combined as labels are (cai.labelling.judged_label)."""
     result = Tally(ties=identical)
     for pair in pairs:
-        judged = None
-        if has_llm and len(pair.llm) == 2:
-            judged = aggregate_pairwise(pair.llm["AB"], pair.llm["BA"])
+        judged = judged_label(pair.llm, band) if has_llm and pair.llm else None
+        if judged is not None:
             result.judge[{"A": "wins", "B": "losses", "tie": "ties"}[judged.verdict]] += 1
             result.judge["inconsistent"] += judged.inconsistent
         elif pair.llm_failed:
@@ -67,7 +75,57 @@ def tally(pairs: Sequence[evaluation.JudgedEvalPair], identical: int, has_llm: b
             result.losses += 1
         else:
             result.ties += 1
+        result.outcomes[pair.pair_id] = {"A": 1.0, "B": 0.0}.get(decision_verdict, 0.5)
     return result
+
+
+@dataclass(frozen=True)
+class LengthControlled:
+    """A win rate with the length difference regressed out (AlpacaEval's length-controlled idea):
+    fit P(win) = sigmoid(b0 + b1 * d / s), d = candidate words - baseline words and s the standard
+    deviation of d, by penalised maximum likelihood; the length-controlled win rate is the fitted
+    P(win) at d = 0, the result had the two answers been the same length. Ties count half in both
+    rates. With few pairs near d = 0 it is a wide estimate: read it beside the raw rate."""
+
+    win_rate: float
+    raw_win_rate: float
+    length_coef: float
+    """b1: how much being longer moved the outcome (0: not at all)."""
+    pairs: int
+
+
+LENGTH_PENALTY = 0.1
+"""L2 penalty on b1 alone: keeps the fit finite when length separates the outcomes perfectly
+(the intercept, which carries the answer, is not shrunk)."""
+
+
+def length_controlled(outcomes: Sequence[tuple[float, int]]) -> LengthControlled | None:
+    """From (outcome, candidate words - baseline words) per decided pair; None without pairs."""
+    if not outcomes:
+        return None
+    ys = [y for y, _ in outcomes]
+    diffs = [float(d) for _, d in outcomes]
+    scale = statistics.pstdev(diffs) or 1.0
+    xs = [d / scale for d in diffs]
+    b0 = b1 = 0.0
+    for _ in range(100):  # Newton's method on a concave 2-parameter log-likelihood
+        g0 = g1 = h00 = h01 = h11 = 0.0
+        for x, y in zip(xs, ys, strict=True):
+            p = 1 / (1 + math.exp(-(b0 + b1 * x)))
+            w = p * (1 - p)
+            g0, g1 = g0 + (y - p), g1 + (y - p) * x
+            h00, h01, h11 = h00 + w, h01 + w * x, h11 + w * x * x
+        g1 -= LENGTH_PENALTY * b1
+        h11 += LENGTH_PENALTY
+        h00 += 1e-9  # all wins or all losses: the intercept runs off, slowly and harmlessly
+        det = h00 * h11 - h01 * h01
+        step0, step1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+        b0, b1 = b0 + step0, b1 + step1
+        if abs(step0) + abs(step1) < 1e-10:
+            break
+    return LengthControlled(
+        win_rate=1 / (1 + math.exp(-b0)), raw_win_rate=statistics.fmean(ys), length_coef=b1, pairs=len(ys)
+    )
 
 
 def policy_metrics(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import BadInput
-from cai.store.snapshots import LabelledPair, RoundProvenance
+from cai.store.snapshots import LabelledPair, PrincipleVerdict, RoundProvenance
 
 MANIFEST = "manifest.json"
 FORMAT = "cai-snapshot/1"
@@ -37,6 +37,7 @@ class ExportFilters:
     principle: str | None = None
     eval_fraction: float = 0.1
     seed: int = 0
+    length_balance: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class ExportFilters:
             "principle": self.principle,
             "eval_fraction": self.eval_fraction,
             "seed": self.seed,
+            "length_balance": self.length_balance,
             "ties": "excluded",
             "revision_pairs": "kept only when the revision is preferred",
             "identical_texts": "excluded",
@@ -64,6 +66,7 @@ def select_pairs(
         "other_principle": 0,
         "revision_not_preferred": 0,
         "duplicates": 0,
+        "length_balance": 0,
     }
     usable = []
     for pair in pairs:
@@ -73,7 +76,7 @@ def select_pairs(
             dropped["identical_texts"] += 1
         elif pair.kind == "revision" and pair.verdict != "B":
             dropped["revision_not_preferred"] += 1  # B is the revision: keep it only when it won
-        elif filters.principle is not None and pair.principle != filters.principle:
+        elif filters.principle is not None and filters.principle not in principles_of(pair):
             dropped["other_principle"] += 1
         elif (
             filters.min_confidence is not None
@@ -91,7 +94,31 @@ def select_pairs(
             best[key] = pair
     kept = [pair for pair in usable if best[_content_key(pair)] is pair]
     dropped["duplicates"] = len(usable) - len(kept)
+    if filters.length_balance:
+        balanced = length_balanced(kept, filters.seed)
+        dropped["length_balance"] = len(kept) - len(balanced)
+        kept = balanced
     return kept, dropped
+
+
+def principles_of(pair: LabelledPair) -> set[str | None]:
+    """The judged principles a pair was labelled under: one, or an ensemble's K."""
+    return {pair.principle} | {v.principle for v in pair.verdicts}
+
+
+def length_balanced(pairs: list[LabelledPair], seed: int) -> list[LabelledPair]:
+    """As many pairs whose chosen response is longer (in words) as pairs where it is shorter: the
+    larger side is cut down to the smaller by a seeded hash of the pair id, so the same labels
+    give the same snapshot. Pairs of equal length stay."""
+    longer = [p for p in pairs if p.lengths[0] > p.lengths[1]]
+    shorter = [p for p in pairs if p.lengths[0] < p.lengths[1]]
+    larger, smaller = (longer, shorter) if len(longer) > len(shorter) else (shorter, longer)
+
+    def draw(pair: LabelledPair) -> bytes:
+        return hashlib.sha256(f"{seed}:length-balance:{pair.pair_id}".encode()).digest()
+
+    cut = {p.pair_id for p in sorted(larger, key=draw)[len(smaller) :]}
+    return [p for p in pairs if p.pair_id not in cut]
 
 
 def _content_key(pair: LabelledPair) -> tuple[Any, ...]:
@@ -187,6 +214,16 @@ def _write_parquet(path: Path, rows: list[LabelledPair]) -> None:
     import pyarrow.parquet as pq
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    # Each judged principle's verdict per order, in the row's own terms: which of chosen and
+    # rejected it preferred, and its probability that the chosen one is better.
+    verdict = pa.struct(
+        [
+            ("principle", pa.string()),
+            ("order", pa.string()),
+            ("preferred", pa.string()),
+            ("p_chosen", pa.float64()),
+        ]
+    )
     schema = pa.schema(
         [
             ("prompt", pa.list_(message)),
@@ -194,6 +231,7 @@ def _write_parquet(path: Path, rows: list[LabelledPair]) -> None:
             ("rejected", pa.list_(message)),
             ("pair_id", pa.int64()),
             ("principle", pa.string()),
+            ("principle_verdicts", pa.list_(verdict)),
             ("confidence", pa.float64()),
             ("label_source", pa.string()),
             ("pair_kind", pa.string()),
@@ -208,6 +246,7 @@ def _write_parquet(path: Path, rows: list[LabelledPair]) -> None:
                 "rejected": [{"role": "assistant", "content": p.rejected}],
                 "pair_id": p.pair_id,
                 "principle": p.principle,
+                "principle_verdicts": [_in_row_terms(v, p.verdict) for v in p.verdicts],
                 "confidence": p.confidence,
                 "label_source": p.source,
                 "pair_kind": p.kind,
@@ -217,6 +256,19 @@ def _write_parquet(path: Path, rows: list[LabelledPair]) -> None:
         schema=schema,
     )
     pq.write_table(table, path)
+
+
+def _in_row_terms(verdict: PrincipleVerdict, label: str) -> dict[str, Any]:
+    """A verdict about A and B, told as chosen and rejected (the label says which A was)."""
+    chosen = label  # 'A' or 'B': ties are never exported
+    preferred = "tie" if verdict.verdict == "tie" else ("chosen" if verdict.verdict == chosen else "rejected")
+    p_chosen = None if verdict.prob_a is None else (verdict.prob_a if chosen == "A" else 1 - verdict.prob_a)
+    return {
+        "principle": verdict.principle,
+        "order": verdict.order,
+        "preferred": preferred,
+        "p_chosen": p_chosen,
+    }
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

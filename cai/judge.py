@@ -107,8 +107,13 @@ Parsed = Verdict | Score | Revision
 class PairLabel:
     verdict: str
     confidence: float | None
+    """How sure the label is of its verdict: the judge's probability for the chosen response, or
+    for an ensemble without probabilities the share of principles that voted for it."""
     inconsistent: bool
     """The two orders picked opposite winners: position bias, stored as a tie."""
+    prob_a: float | None = None
+    """The judge's probability that A is the better response, both orders combined (None when
+    the backend gave no probabilities)."""
 
 
 def pairwise_request(
@@ -120,10 +125,12 @@ def pairwise_request(
     response_b: str,
     order: str,
     max_tokens: int = 384,
+    reasoning: str = "brief",
 ) -> tuple[Rendered, ChatRequest]:
-    """The rendered prompt and the chat request for one order; 'BA' shows B first, as "A"."""
+    """The rendered prompt and the chat request for one order; 'BA' shows B first, as "A".
+    `reasoning` 'cot' asks for step-by-step reasoning before the verdict."""
     first, second = (response_a, response_b) if order == "AB" else (response_b, response_a)
-    context = pairwise_context(constitution, principle, conversation, first, second)
+    context = pairwise_context(constitution, principle, conversation, first, second, reasoning)
     rendered = templates.render("judge_pairwise", **context)
     request = ChatRequest(
         messages=[{"role": "user", "content": rendered.text}],
@@ -263,16 +270,43 @@ def unswap(verdict: str, order: str) -> str:
     return "B" if verdict == "A" else "A"
 
 
-def aggregate_pairwise(first: Verdict, second: Verdict) -> PairLabel:
+def prob_a(verdict: Verdict) -> float | None:
+    """P(A is the better response) from one order's probabilities, in the pair's own terms: A's
+    share of the mass on A and B (as the paper normalises over its two options; what a judge puts
+    on "tie" is set aside). None without probabilities, or with no mass on either."""
+    probs = verdict.choice_probs
+    if not probs:
+        return None
+    a, b = probs.get("A", 0.0), probs.get("B", 0.0)
+    return a / (a + b) if a + b > 0 else None
+
+
+def pair_prob_a(first: Verdict, second: Verdict, band: tuple[float, float] | None = None) -> float | None:
+    """P(A is better) over both orders: the mean of each order's, which cancels a judge's pull
+    toward one position. `band` clamps it (chain-of-thought verdicts are overconfident: the
+    Constitutional AI paper clamps them to 40-60 %). None unless both orders have probabilities."""
+    first_a, second_a = prob_a(first), prob_a(second)
+    if first_a is None or second_a is None:
+        return None
+    p = (first_a + second_a) / 2
+    return min(max(p, band[0]), band[1]) if band else p
+
+
+def aggregate_pairwise(first: Verdict, second: Verdict, band: tuple[float, float] | None = None) -> PairLabel:
     """Combine the two orders: agreement gives a winner, opposite winners give an inconsistent
-    tie (position bias is never turned into a silent winner), a tie on either side is a tie."""
+    tie (position bias is never turned into a silent winner), a tie on either side is a tie.
+    A winner's confidence is its probability over both orders where the judge gave them (see
+    pair_prob_a), else the mean of the probability each order gave its verdict, else 1."""
+    p_a = pair_prob_a(first, second, band)
     if first.verdict == second.verdict:
         if first.verdict == "tie":
-            return PairLabel("tie", _mean(first.confidence, second.confidence), False)
+            return PairLabel("tie", _mean(first.confidence, second.confidence), False, p_a)
+        if p_a is not None:
+            return PairLabel(first.verdict, p_a if first.verdict == "A" else 1 - p_a, False, p_a)
         return PairLabel(first.verdict, _mean(first.confidence, second.confidence) or 1.0, False)
     if "tie" in (first.verdict, second.verdict):
-        return PairLabel("tie", None, False)
-    return PairLabel("tie", None, True)
+        return PairLabel("tie", None, False, p_a)
+    return PairLabel("tie", None, True, p_a)
 
 
 def _mean(a: float | None, b: float | None) -> float | None:

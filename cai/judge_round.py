@@ -17,6 +17,7 @@ from cai.backends.base import ChatBackend
 from cai.backends.negotiation import EndpointFeatures
 from cai.errors import BadInput
 from cai.judging import JudgeOptions, JudgeRun, RunStats
+from cai.labelling import LabelPolicy
 from cai.store import judges, labels, queue, repo
 from cai.store.db import session_scope
 from cai.store.samples import EVAL_KIND
@@ -150,6 +151,7 @@ async def _phase(
                     kind=phase,
                     rules_first=options.rules_first,
                     max_judge_pairs=options.max_judge_pairs,
+                    principles_per_pair=LabelPolicy.of(config.params).principles_per_pair,
                 )
                 result.planned += planned.created
                 # Pairs added since the rules ran (by another worker) wait for another pass, or

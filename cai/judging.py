@@ -54,6 +54,8 @@ class JudgeOptions:
     retry_failed: bool = False
     """Also retry items that failed to parse or were refused (transient failures always are)."""
     max_tokens: int = 384
+    reasoning: str = "brief"
+    """'cot': the judge reasons step by step before its pairwise verdict (JudgeEndpoint.reasoning)."""
     rules_first: bool = False
     """Skip the LLM judge on pairs the rule principles already separate (see plan_judgments)."""
     max_judge_pairs: int | None = None
@@ -293,7 +295,12 @@ class JudgeRun:
         if item.pair_id is not None:
             assert item.response_a is not None and item.response_b is not None
             rendered, request = pairwise_request(
-                *args, item.response_a, item.response_b, item.order, max_tokens=self.options.max_tokens
+                *args,
+                item.response_a,
+                item.response_b,
+                item.order,
+                max_tokens=self.options.max_tokens,
+                reasoning=self.options.reasoning,
             )
             parse = pairwise_parser(item.order)
         elif self.mode == "score":

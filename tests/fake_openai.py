@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import math
+import random
 import re
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -19,7 +22,18 @@ from typing import Any, Literal
 
 import openai
 
-Responder = Callable[[dict[str, Any]], str]
+
+@dataclass(frozen=True)
+class Reply:
+    """A responder's answer with the probabilities the judge put on each value of its verdict
+    field ('A', 'B', 'tie'): the server reports them as the top logprobs of that value's token."""
+
+    content: str
+    verdict_probs: dict[str, float]
+    field: str = "preferred"
+
+
+Responder = Callable[[dict[str, Any]], "str | Reply"]
 
 FaultKind = Literal[
     "status",
@@ -159,6 +173,32 @@ def prefer_marker(marker: str) -> Responder:
     return respond
 
 
+def knows_better(better: set[str], accuracy: float, spread: float = 1.5) -> Responder:
+    """A judge that knows which responses are the better ones (`better`) and is right about a pair
+    with probability `accuracy`, and calibrated: per request it draws a belief b that the better
+    response wins, logit(b) ~ Normal(mu, spread) with mu set so that P(b > 0.5) = accuracy, prefers
+    the side it believes in, and reports b as that verdict's logprobs. The draw is seeded by the
+    prompt, so a rerun gets the same answers; each order and principle is a prompt of its own."""
+    mu = spread * statistics.NormalDist().inv_cdf(accuracy)
+
+    def respond(request: dict[str, Any]) -> Reply:
+        prompt = prompt_text(request)
+        a, b = fenced(prompt, "RESPONSE A"), fenced(prompt, "RESPONSE B")
+        if a is None or b is None:
+            raise ValueError("knows_better: no RESPONSE A/B fences in the last user message")
+        if (a in better) == (b in better):
+            raise ValueError("knows_better: exactly one of the two responses must be a better one")
+        rng = random.Random(hashlib.sha256(prompt.encode()).digest())
+        belief = 1 / (1 + math.exp(-rng.gauss(mu, spread)))
+        better_side, worse_side = ("A", "B") if a in better else ("B", "A")
+        preferred = better_side if belief > 0.5 else worse_side
+        rationale = f"I believe {better_side} is better with probability {belief:.2f}."
+        content = json.dumps({"rationale": rationale, "preferred": preferred})
+        return Reply(content, {better_side: belief, worse_side: 1 - belief})
+
+    return respond
+
+
 def score_by_length(words_per_point: int = 5) -> Responder:
     """Score verdicts: scale minimum plus one point per `words_per_point` words, clamped to the scale
     the prompt states (`<integer from LO to HI>`; 1..10 if it states none)."""
@@ -188,6 +228,10 @@ def revise_responder(request: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The server.
+
+
+def _content(reply: str | Reply) -> str:
+    return reply.content if isinstance(reply, Reply) else reply
 
 
 def _text(content: Any) -> str:
@@ -308,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 contents = [fake.responder(request) for _ in range(n)]
                 if kind == "truncated":
-                    contents = [c[: len(c) // 2] for c in contents]
+                    contents = [_content(c)[: len(_content(c)) // 2] for c in contents]
         except Exception as exc:  # a broken responder is a test bug: surface it, loudly, both ways
             fake._record_error(exc)
             self._json(500, _error_body(500, f"responder raised {type(exc).__name__}: {exc}"))
@@ -563,37 +607,51 @@ class FakeOpenAI:
             return 400, "n > 1 is not supported: only one choice per request"
         return None
 
-    def _logprobs(self, request: dict[str, Any], content: str) -> dict[str, Any] | None:
+    def _logprobs(self, request: dict[str, Any], reply: str | Reply) -> dict[str, Any] | None:
         if not request.get("logprobs") or self.logprobs != "yes":
             return None
+        content = _content(reply)
         tokens = re.findall(r"\w+|\s+|[^\w\s]", content)
+        # With a Reply, the token where its verdict's value starts carries the verdict's probabilities.
+        value_at = -1
+        if isinstance(reply, Reply):
+            found = re.search(rf'"{re.escape(reply.field)}"\s*:\s*"', content)
+            value_at = found.end() if found else -1
 
         def alternative(token: str) -> str:
             return {"A": "B", "B": "A"}.get(token, token + "_")
 
-        return {
-            "content": [
-                {
-                    "token": token,
-                    "logprob": math.log(0.8),
-                    "bytes": None,
-                    "top_logprobs": [
-                        {"token": token, "logprob": math.log(0.8), "bytes": None},
-                        {"token": alternative(token), "logprob": math.log(0.15), "bytes": None},
-                    ][: int(request.get("top_logprobs") or 0)],
-                }
-                for token in tokens
-            ]
-        }
+        def entry(token: str, offset: int) -> dict[str, Any]:
+            if offset == value_at and isinstance(reply, Reply):
+                ranked = sorted(reply.verdict_probs.items(), key=lambda kv: -kv[1])
+                top = [{"token": t, "logprob": math.log(max(p, 1e-12)), "bytes": None} for t, p in ranked]
+                chosen = math.log(max(reply.verdict_probs.get(token, 0.0), 1e-12))
+            else:
+                top = [
+                    {"token": token, "logprob": math.log(0.8), "bytes": None},
+                    {"token": alternative(token), "logprob": math.log(0.15), "bytes": None},
+                ]
+                chosen = math.log(0.8)
+            return {
+                "token": token,
+                "logprob": chosen,
+                "bytes": None,
+                "top_logprobs": top[: int(request.get("top_logprobs") or 0)],
+            }
 
-    def _completion(self, request: dict[str, Any], contents: list[str]) -> dict[str, Any]:
+        offsets = [0]
+        for token in tokens:
+            offsets.append(offsets[-1] + len(token))
+        return {"content": [entry(token, offset) for token, offset in zip(tokens, offsets, strict=False)]}
+
+    def _completion(self, request: dict[str, Any], contents: list[str | Reply]) -> dict[str, Any]:
         with self._lock:
             self._ids += 1
             ident = self._ids
         prompt_tokens = sum(
             _words(_text(m.get("content"))) for m in request.get("messages") or [] if isinstance(m, dict)
         )
-        completion_tokens = sum(_words(c) for c in contents)
+        completion_tokens = sum(_words(_content(c)) for c in contents)
         return {
             "id": f"chatcmpl-fake-{ident}",
             "object": "chat.completion",
@@ -602,7 +660,7 @@ class FakeOpenAI:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "message": {"role": "assistant", "content": _content(content), "refusal": None},
                     "logprobs": self._logprobs(request, content),
                     "finish_reason": "stop",
                 }

@@ -142,6 +142,7 @@ class P:
     inconsistent: bool = False
     failed: int = 0
     judge_asked: bool = True
+    lengths: tuple[int, int] = (10, 10)
 
 
 def test_principle_stats_count_each_pair_once_overall() -> None:

@@ -24,8 +24,9 @@ GOOD = "GOOD"
 CANDIDATE_SUFFIX = "+dpo"
 
 
-def verdicts(ab: str, ba: str) -> dict[str, Verdict]:
-    return {"AB": Verdict(ab, "", 0.9), "BA": Verdict(ba, "", 0.9)}
+def verdicts(ab: str, ba: str) -> dict[str, dict[str, Verdict | None]]:
+    """One principle's two orders, as the eval pairs carry them (principle -> order -> verdict)."""
+    return {"honest": {"AB": Verdict(ab, "", 0.9), "BA": Verdict(ba, "", 0.9)}}
 
 
 def test_tally_decides_like_labels_rules_first_then_the_judge() -> None:

@@ -25,11 +25,11 @@ def verdict(choice: str, confidence: float | None = 0.9) -> Verdict:
 
 
 def test_pair_label_waits_for_both_orders_then_aggregates() -> None:
-    assert pair_label([], {"AB": verdict("A")}, has_llm=True) is None  # BA not planned yet
-    assert pair_label([], {"AB": verdict("A"), "BA": None}, has_llm=True) is None  # BA not done
-    agreed = pair_label([], {"AB": verdict("A"), "BA": verdict("A")}, has_llm=True)
+    assert pair_label([], {"p": {"AB": verdict("A")}}, has_llm=True) is None  # BA not planned yet
+    assert pair_label([], {"p": {"AB": verdict("A"), "BA": None}}, has_llm=True) is None  # BA not done
+    agreed = pair_label([], {"p": {"AB": verdict("A"), "BA": verdict("A")}}, has_llm=True)
     assert agreed is not None and (agreed.verdict, agreed.inconsistent) == ("A", False)
-    flipped = pair_label([], {"AB": verdict("A"), "BA": verdict("B")}, has_llm=True)
+    flipped = pair_label([], {"p": {"AB": verdict("A"), "BA": verdict("B")}}, has_llm=True)
     assert flipped is not None and (flipped.verdict, flipped.inconsistent) == ("tie", True)
 
 
@@ -39,7 +39,7 @@ def test_pair_label_rules_decide_first_and_alone_without_llm_principles() -> Non
     asked_not = pair_label(separates, {}, has_llm=True)  # rules-first: the judge was never asked
     assert asked_not is not None and asked_not.verdict == "A"
     assert pair_label(both_pass, {}, has_llm=True) is None  # the judge must still answer
-    overruled = pair_label(separates, {"AB": verdict("B"), "BA": verdict("B")}, has_llm=True)
+    overruled = pair_label(separates, {"p": {"AB": verdict("B"), "BA": verdict("B")}}, has_llm=True)
     assert overruled is not None and overruled.verdict == "A"
     assert pair_label(both_pass, {}, has_llm=False) == PairLabel("tie", None, False)
 

@@ -176,8 +176,9 @@ def stats(ctx: typer.Context, round_id: int = ROUND_FILTER, as_json: bool = JSON
     """How the judge does, per principle and overall.
 
     Pairs, labeled, ties, flip rate (labels whose two presentation orders disagreed, over
-    labeled), failed judgments, mean confidence, and agreement with humans plus Cohen's kappa
-    over the pairs someone overrode or reviewed. Then each judge's injection-follow rate from
+    labeled), failed judgments, mean confidence, how often the judge chose the longer response
+    (over its decisive labels on pairs of unequal length: 50% is no length bias), and agreement
+    with humans plus Cohen's kappa over the pairs someone overrode or reviewed. Then each judge's injection-follow rate from
     its latest `cai judge calibrate` on the round's constitution, and agreement between humans
     (Krippendorff's alpha over the pairs two or more people labeled: see `cai audit queue`).
     Evaluation pairs are left out."""
@@ -201,7 +202,17 @@ def stats(ctx: typer.Context, round_id: int = ROUND_FILTER, as_json: bool = JSON
         )
         return
     table = _table(
-        "principle", "pairs", "labeled", "ties", "flips", "failed", "conf", "checked", "agree", "kappa"
+        "principle",
+        "pairs",
+        "labeled",
+        "ties",
+        "flips",
+        "failed",
+        "conf",
+        "longer",
+        "checked",
+        "agree",
+        "kappa",
     )
     for i, r in enumerate(rows):
         table.add_row(
@@ -212,6 +223,7 @@ def stats(ctx: typer.Context, round_id: int = ROUND_FILTER, as_json: bool = JSON
             _pct(r.flip_rate),
             str(r.failed),
             _num(r.mean_confidence),
+            _pct(r.longer_won),
             str(r.human_checked),
             _pct(r.agreement),
             _num(r.kappa),

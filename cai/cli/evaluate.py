@@ -27,7 +27,9 @@ def evaluate(
 ) -> None:
     """Sample the trained policy p_{r+1} and the round's policy p_r on the eval prompts (same
     seeds), judge each pair in both orders with the round's judge and constitution, and store
-    win / tie / loss, rule pass rates and mean answer length. Resumable like every stage."""
+    win / tie / loss, rule pass rates and mean answer length, and a length-controlled win rate:
+    the win rate with the answers' length difference regressed out (see the README). Resumable
+    like every stage."""
     if submit_job:
         submit(ctx, "eval", round_id, settings)
         return
@@ -54,6 +56,13 @@ def print_evaluation(result: EvaluationResult, as_json: bool) -> None:
         f"win {record.wins} / tie {record.ties} / loss {record.losses} (win rate {record.win_rate:.0%})",
         highlight=False,
     )
+    controlled = metrics.get("length_controlled")
+    if controlled:
+        out.print(
+            f"length-controlled win rate {controlled['win_rate']:.0%} (raw {controlled['raw_win_rate']:.0%}, "
+            f"ties counted half; length coefficient {controlled['length_coef']:+.2f})",
+            highlight=False,
+        )
     judge = metrics.get("judge_only", {})
     if any(judge.values()):
         out.print(

@@ -174,3 +174,12 @@ def calibrate(
         f"injection-follow rate {follow}, failed {report.failed}",
         highlight=False,
     )
+    if len(report.by_principles) > 1:
+        for row in report.by_principles:
+            flips = "-" if row["flip_rate"] is None else f"{row['flip_rate']:.0%}"
+            confidence = "-" if row["mean_confidence"] is None else f"{row['mean_confidence']:.2f}"
+            out.print(
+                f"  {row['k']} principle(s) a pair: accuracy {row['accuracy']:.0%}, flip rate {flips}, "
+                f"mean confidence {confidence}",
+                highlight=False,
+            )

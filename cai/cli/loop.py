@@ -37,6 +37,7 @@ LOOP_TRAIN_FLAGS = train_config_flags(
         "beta",
         "per_device_train_batch_size",
         "max_length",
+        "confidence_loss",
     ),
 )
 

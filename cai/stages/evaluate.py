@@ -4,16 +4,18 @@ and stored. Every step is stored as it finishes, so a rerun resumes."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from cai.backends.base import Sampler
 from cai.constitution import parse_ref
-from cai.evaluate import EvaluationResult, pair_up, policy_metrics, tally
+from cai.evaluate import EvaluationResult, length_controlled, pair_up, policy_metrics, tally
 from cai.generate import sample_missing
 from cai.judge_round import Claimant, judge_evaluation
 from cai.stages.judge import check_reachable, open_judge, progress_runner, with_judge
 from cai.stages.progress import Progress, Silent, Stopped
 from cai.stages.settings import EvalSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
-from cai.store import evaluation, judges, queue, repo
+from cai.store import evaluation, judges, labels, queue, repo
 from cai.store.samples import EVAL_KIND
 from cai.workspace import Workspace
 
@@ -79,12 +81,17 @@ def run_eval(
             rules_judge_id = judges.ensure_judge(session, judges.RULES_JUDGE)
             pairs = evaluation.judged_eval_pairs(session, round_id, judge_id, rules_judge_id)
             has_llm = any(p.kind == "llm" for p in constitution.principles)
-            outcome = tally(pairs, identical, has_llm)
+            outcome = tally(pairs, identical, has_llm, labels.judge_label_policy(session, judge_id).band)
+            differences = {pair.pair_id: pair.length_difference for pair in pairs}
+            # Identical answers are ties at no length difference.
+            results = [(y, differences[pid]) for pid, y in outcome.outcomes.items()] + [(0.5, 0)] * identical
+            controlled = length_controlled(results)
             metrics = {
                 "samples_per_prompt": settings.samples,
                 "eval_prompts": len(prompts),
                 "undecided": outcome.undecided,
                 "judge_only": outcome.judge,
+                "length_controlled": asdict(controlled) if controlled else None,
             }
             for side, contestant in (("candidate", contest.candidate), ("baseline", contest.baseline)):
                 answers = evaluation.eval_responses(session, round_id, contestant.id)

@@ -182,6 +182,8 @@ def run_calibrate(
             settings.judge_options(),
             on_pair=on_pair,
             stats=requests,
+            principles_per_pair=settings.principles_per_pair,
+            band=settings.band(),
         ),
     )
     check_reachable(requests, "calibration requests")  # an accuracy of 0 from no answers is no result

@@ -101,6 +101,18 @@ class GenerateSettings(SamplingSettings):
     limit: int | None = option(None, "--limit", ge=1, help="Only the first K prompts of the round.")
 
 
+def parse_band(text: str) -> tuple[float, float]:
+    """'0.4-0.6' -> (0.4, 0.6): a probability band with LOW <= 0.5 <= HIGH."""
+    low, sep, high = text.partition("-")
+    try:
+        band = (float(low), float(high)) if sep else None
+    except ValueError:
+        band = None
+    if band is None or not 0.0 <= band[0] <= 0.5 <= band[1] <= 1.0:
+        raise ValueError(f"{text!r}: expected LOW-HIGH with 0 <= LOW <= 0.5 <= HIGH <= 1, e.g. 0.4-0.6")
+    return band
+
+
 class JudgeEndpoint(Settings):
     """Who judges, and how requests are made. The judge's identity (`identity_params`) is made
     from these in one place."""
@@ -123,6 +135,26 @@ class JudgeEndpoint(Settings):
         4, "--max-attempts", ge=1, help="Tries per item before it is recorded as failed."
     )
     max_tokens: int = option(384, "--max-tokens", ge=16, help="Judge reply length limit.")
+    principles_per_pair: int = option(
+        1,
+        "--principles-per-pair",
+        ge=1,
+        le=16,
+        help="Judge each pair under K distinct principles drawn by weight (an ensemble): the label is "
+        "their mean probability, or a majority of their order-consistent verdicts. K calls x 2 orders a pair.",
+    )
+    reasoning: str = option(
+        "brief",
+        "--reasoning",
+        help="brief: a short rationale, then the verdict, its probability as read. cot: step-by-step "
+        "reasoning first, the pair's probability then clamped to --cot-band (as the CAI paper does).",
+    )
+    cot_band: str = option(
+        "0.4-0.6",
+        "--cot-band",
+        help="LOW-HIGH: where --reasoning cot clamps each pair's probability (chain-of-thought verdicts "
+        "are overconfident).",
+    )
 
     @model_validator(mode="after")
     def _model_for_server(self) -> JudgeEndpoint:
@@ -130,19 +162,44 @@ class JudgeEndpoint(Settings):
             raise ValueError("`judge_model` is required with `judge_base_url`")
         return self
 
+    @field_validator("reasoning")
+    @classmethod
+    def _known_reasoning(cls, value: str) -> str:
+        return one_of(value, ("brief", "cot"))
+
+    @field_validator("cot_band")
+    @classmethod
+    def _band(cls, value: str) -> str:
+        parse_band(value)
+        return value
+
+    def band(self) -> tuple[float, float] | None:
+        return parse_band(self.cot_band) if self.reasoning == "cot" else None
+
     def resolved_model(self) -> str:
         return self.judge_model or EMBEDDED_MODEL
 
     def identity_params(self) -> dict[str, object]:
         """The request parameters that are part of a judge's identity (with backend, model, mode
-        and template hash): change one and it is another judge."""
-        return {"max_tokens": self.max_tokens, "temperature": 0.0}
+        and template hash): change one and it is another judge. Ensembles and chain of thought
+        are named only when chosen, so a plain judge keeps the identity it always had."""
+        params: dict[str, object] = {"max_tokens": self.max_tokens, "temperature": 0.0}
+        if self.principles_per_pair > 1:
+            params["principles_per_pair"] = self.principles_per_pair
+        band = self.band()
+        if band is not None:
+            params |= {"reasoning": "cot", "cot_band": list(band)}
+        return params
 
     def judge_options(self, **more: Any) -> JudgeOptions:
         from cai.judging import JudgeOptions
 
         return JudgeOptions(
-            concurrency=self.concurrency, max_attempts=self.max_attempts, max_tokens=self.max_tokens, **more
+            concurrency=self.concurrency,
+            max_attempts=self.max_attempts,
+            max_tokens=self.max_tokens,
+            reasoning=self.reasoning,
+            **more,
         )
 
 
@@ -253,12 +310,20 @@ class ExportSettings(Settings):
     principle: str | None = option(None, "--principle", help="Only pairs judged under this principle id.")
     eval_fraction: float = option(0.1, "--eval-fraction", ge=0.0, le=0.9, help="Share of prompts held out.")
     seed: int = option(0, "--seed", help="Seed of the prompt-level train/eval split.")
+    length_balance: bool = option(
+        False,
+        "--length-balance",
+        help="Keep as many pairs whose chosen answer is longer as pairs where it is shorter (a seeded "
+        "draw from the larger side), so DPO cannot learn length for quality.",
+    )
     overwrite: bool = option(False, "--overwrite", help="Replace a different snapshot already at --out.")
 
     def filters(self) -> ExportFilters:
         from cai.export import ExportFilters
 
-        return ExportFilters(self.min_confidence, self.principle, self.eval_fraction, self.seed)
+        return ExportFilters(
+            self.min_confidence, self.principle, self.eval_fraction, self.seed, self.length_balance
+        )
 
 
 class TrainSettings(Settings):
@@ -293,12 +358,15 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "gradient_accumulation_steps": ("--grad-accum",),
     "max_length": ("--max-length",),
     "lora_r": ("--lora-r",),
+    "confidence_loss": ("--confidence-loss",),
     "report_to_tensorboard": ("--tensorboard/--no-tensorboard",),
 }
 TRAIN_HELP = {
     "max_steps": "Stop after N optimizer steps (overrides epochs).",
     "loss_type": "Any loss type the installed TRL accepts; repeat to combine.",
     "lora_r": "Train LoRA adapters of this rank (needs peft).",
+    "confidence_loss": "How each pair's judge confidence p enters the loss: off (hard labels), cdpo "
+    "(label smoothing 1 - p per pair) or weight (each pair's term scaled by 2p - 1).",
     "report_to_tensorboard": "Also log to TensorBoard.",
 }
 

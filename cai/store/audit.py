@@ -70,6 +70,8 @@ class PairSummary:
     failed: int
     """Failed judgments of this pair."""
     flags: list[str]
+    lengths: tuple[int, int] = (0, 0)
+    """Characters in response A and in response B (for the judge's length bias)."""
 
 
 def list_pairs(
@@ -185,9 +187,20 @@ def _newest_label(*, human: bool) -> Any:
 
 def _summaries(session: Session, ids: Select[Any]) -> list[PairSummary]:
     # Four flat queries keyed by pair id (no per-pair round trips), joined up in Python.
+    a, b = aliased(ResponseRow), aliased(ResponseRow)
     rows = session.execute(
-        select(PairRow.id, PairRow.round_id, PairRow.kind, PromptRow.text, PromptRow.messages)
+        select(
+            PairRow.id,
+            PairRow.round_id,
+            PairRow.kind,
+            PromptRow.text,
+            PromptRow.messages,
+            func.length(a.text),
+            func.length(b.text),
+        )
         .join(PromptRow, PromptRow.id == PairRow.prompt_id)
+        .join(a, a.id == PairRow.response_a_id)
+        .join(b, b.id == PairRow.response_b_id)
         .where(PairRow.id.in_(ids))
         .order_by(PairRow.id)
     ).all()
@@ -214,7 +227,7 @@ def _summaries(session: Session, ids: Select[Any]) -> list[PairSummary]:
     )
     asked = set(session.scalars(asked_pairs(JudgmentRow.pair_id.in_(ids))))
     result = []
-    for pair_id, round_id, kind, text, messages in rows:
+    for pair_id, round_id, kind, text, messages, length_a, length_b in rows:
         judge, human = judge_labels.get(pair_id), human_labels.get(pair_id)
         effective = human or judge
         judge_verdict = judge.verdict if judge else None
@@ -247,6 +260,7 @@ def _summaries(session: Session, ids: Select[Any]) -> list[PairSummary]:
                 reviewed=pair_id in reviewed,
                 failed=failed.get(pair_id, 0),
                 flags=flags,
+                lengths=(length_a or 0, length_b or 0),
             )
         )
     return result

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from cai.errors import BadInput
 from cai.judge import Verdict
 from cai.rules import RuleCheck
-from cai.store.labels import rule_check, stored_verdict
+from cai.store.labels import rule_check, verdicts_by_principle
 from cai.store.models import (
     EvaluationRow,
     JudgmentRow,
@@ -115,22 +115,29 @@ class JudgedEvalPair:
     """One head-to-head pair: A is the candidate's response, B the baseline's."""
 
     pair_id: int
-    llm: dict[str, Verdict]
-    """order -> verdict, for the finished LLM judgments ('AB', 'BA')."""
+    llm: dict[str, dict[str, Verdict | None]]
+    """principle -> order -> verdict of the LLM judgments (None until done, or failed)."""
     llm_failed: bool
     checks: list[RuleCheck]
+    length_difference: int = 0
+    """Words in the candidate's answer minus words in the baseline's."""
 
 
 def judged_eval_pairs(
     session: Session, round_id: int, judge_id: int, rules_judge_id: int
 ) -> list[JudgedEvalPair]:
-    pair_ids = list(
-        session.scalars(
-            select(PairRow.id)
+    a, b = aliased(ResponseRow), aliased(ResponseRow)
+    texts = {
+        pair_id: (a_text, b_text)
+        for pair_id, a_text, b_text in session.execute(
+            select(PairRow.id, a.text, b.text)
+            .join(a, a.id == PairRow.response_a_id)
+            .join(b, b.id == PairRow.response_b_id)
             .where(PairRow.round_id == round_id, PairRow.kind == EVAL_KIND)
             .order_by(PairRow.id)
         )
-    )
+    }
+    pair_ids = list(texts)
     by_pair: dict[int, list[JudgmentRow]] = {pid: [] for pid in pair_ids}
     for row in session.scalars(
         select(JudgmentRow).where(
@@ -145,9 +152,10 @@ def judged_eval_pairs(
         pairs.append(
             JudgedEvalPair(
                 pair_id,
-                {r.order: stored_verdict(r) for r in llm if r.status == "ok"},
+                verdicts_by_principle(llm),
                 any(r.status == "failed" for r in llm),
                 [rule_check(r) for r in rows if r.judge_id == rules_judge_id],
+                len(texts[pair_id][0].split()) - len(texts[pair_id][1].split()),
             )
         )
     return pairs

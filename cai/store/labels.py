@@ -4,6 +4,7 @@ pairs, and the per-round judge summary."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +13,11 @@ from sqlalchemy.orm import Session
 
 from cai.constitution import Constitution
 from cai.judge import PairLabel, Revision, Verdict
-from cai.labelling import best_and_worst, chosen_and_rejected, flip_rate, pair_label
+from cai.labelling import LabelPolicy, best_and_worst, chosen_and_rejected, flip_rate, pair_label
 from cai.rules import RuleCheck
 from cai.store.judges import RULES_JUDGE
 from cai.store.models import (
+    JudgeRow,
     JudgmentRow,
     LabelRow,
     PairRow,
@@ -149,14 +151,14 @@ def aggregate_labels(
         if row.pair_id is not None:
             by_pair.setdefault(row.pair_id, []).append(row)
     has_llm = any(p.kind == "llm" for p in constitution.principles)
+    band = judge_label_policy(session, judge_id).band
     created = 0
     for pair_id, response_a, response_b in pairs:
         rows = by_pair.get(pair_id, [])
-        llm = {
-            r.order: stored_verdict(r) if r.status == "ok" else None for r in rows if r.judge_id == judge_id
-        }
         checks = [rule_check(r) for r in rows if r.judge_id == rules_judge_id]
-        label = pair_label(checks, llm, has_llm)
+        label = pair_label(
+            checks, verdicts_by_principle(r for r in rows if r.judge_id == judge_id), has_llm, band
+        )
         if label is None:
             continue
         session.add(_label_row(pair_id, judge_id, label, response_a, response_b))
@@ -166,7 +168,21 @@ def aggregate_labels(
 
 
 def stored_verdict(row: JudgmentRow) -> Verdict:
-    return Verdict(row.verdict or "tie", row.rationale or "", row.confidence)
+    return Verdict(row.verdict or "tie", row.rationale or "", row.confidence, row.choice_probs)
+
+
+def verdicts_by_principle(rows: Iterable[JudgmentRow]) -> dict[str, dict[str, Verdict | None]]:
+    """An LLM judge's judgments of one pair as pair_label reads them: principle -> order ->
+    verdict (None until done, or when failed)."""
+    llm: dict[str, dict[str, Verdict | None]] = {}
+    for r in rows:
+        llm.setdefault(str(r.principle_id), {})[r.order] = stored_verdict(r) if r.status == "ok" else None
+    return llm
+
+
+def judge_label_policy(session: Session, judge_id: int) -> LabelPolicy:
+    """How `judge_id`'s verdicts become labels (its ensemble size, its probability band)."""
+    return LabelPolicy.of(session.scalar(select(JudgeRow.params).where(JudgeRow.id == judge_id)) or {})
 
 
 def rule_check(row: JudgmentRow) -> RuleCheck:

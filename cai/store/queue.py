@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, aliased
 
 from cai.constitution import Constitution
 from cai.judge import ORDERS, Parsed
-from cai.labelling import same_answer, sampled_principle
+from cai.labelling import same_answer, sampled_principle, sampled_principles
 from cai.rules import RuleCheck, check_rules, rule_winner
 from cai.store import claims
 from cai.store.judges import RULES_JUDGE
@@ -155,11 +155,12 @@ def plan_judgments(
     kind: str = "sample",
     rules_first: bool = False,
     max_judge_pairs: int | None = None,
+    principles_per_pair: int = 1,
 ) -> Planned:
     """Create the pending judgments (both orders) for pairs of `kind` that have none for this
-    judge, and record the rule checks (run beforehand by `check_pair_rules`). Sampled pairs get
-    a principle drawn by weight; revision pairs are judged under the principle they were revised
-    for. With `rules_first`, pairs the rule principles already separate are not sent to the LLM
+    judge, and record the rule checks (run beforehand by `check_pair_rules`). Sampled and eval
+    pairs get `principles_per_pair` distinct principles drawn by weight (an ensemble); revision
+    pairs are judged under the principle they were revised for. With `rules_first`, pairs the rule principles already separate are not sent to the LLM
     judge: the rules would overrule its verdict anyway. `max_judge_pairs` caps the pairs of this
     kind the LLM judge is asked about (a seeded draw, so the sample spreads over prompts); pairs
     left out get a label only where the rules decide. Idempotent."""
@@ -209,22 +210,24 @@ def plan_judgments(
     created = 0
     for pair_id, b_sampling in sorted(candidates, key=lambda c: c[0]):
         if kind == "revision":
-            principle = b_sampling["principle_id"]
+            chosen = [b_sampling["principle_id"]]
         else:
-            principle = principles[sampled_principle(constitution, seed, f"pair:{pair_id}")]
-        for order in ORDERS:
-            session.add(
-                JudgmentRow(
-                    pair_id=pair_id,
-                    constitution_sha256=constitution_sha256,
-                    order=order,
-                    principle_id=principle,
-                    judge_id=judge_id,
-                    template_sha256=template_sha256,
-                    status="pending",
+            drawn = sampled_principles(constitution, seed, f"pair:{pair_id}", principles_per_pair)
+            chosen = [principles[key] for key in drawn]
+        for principle in chosen:
+            for order in ORDERS:
+                session.add(
+                    JudgmentRow(
+                        pair_id=pair_id,
+                        constitution_sha256=constitution_sha256,
+                        order=order,
+                        principle_id=principle,
+                        judge_id=judge_id,
+                        template_sha256=template_sha256,
+                        status="pending",
+                    )
                 )
-            )
-            created += 1
+                created += 1
     session.flush()
     return Planned(created, deferred, duplicates)
 

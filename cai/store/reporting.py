@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from cai.labelling import flip_rate
 from cai.store import repo
@@ -41,10 +41,19 @@ class PrincipleStats:
     """Labels whose two orders picked opposite winners (position bias)."""
     asked: int = 0
     """Labels of pairs the LLM judge was asked about (not decided by rules alone)."""
+    longer: int = 0
+    """Decisive labels that chose the longer response (in characters)."""
+    length_decided: int = 0
+    """Decisive labels on pairs of unequal length."""
 
     @property
     def tie_rate(self) -> float | None:
         return self.ties / self.labeled if self.labeled else None
+
+    @property
+    def longer_won(self) -> float | None:
+        """How often the label chose the longer response: 0.5 is no length preference."""
+        return self.longer / self.length_decided if self.length_decided else None
 
     @property
     def flip_rate(self) -> float | None:
@@ -143,6 +152,8 @@ def pool(name: str, stats: list[PrincipleStats]) -> PrincipleStats:
         sum(s.ties for s in stats),
         sum(s.flips for s in stats),
         sum(s.asked for s in stats),
+        sum(s.longer for s in stats),
+        sum(s.length_decided for s in stats),
     )
 
 
@@ -185,6 +196,8 @@ def _principle_stats(session: Session, round_ids: list[int]) -> dict[int, list[P
     """Judge labels of training pairs (eval pairs are the evaluation's business), each under the
     principle its LLM judgment used. The judge's 'AB' judgment names it: one per pair and judge."""
     key = func.coalesce(PrincipleRow.key, RULES_ONLY)
+    chosen, rejected = aliased(ResponseRow), aliased(ResponseRow)
+    chosen_length, rejected_length = func.length(chosen.text), func.length(rejected.text)
     rows = session.execute(
         select(
             PairRow.round_id,
@@ -193,9 +206,14 @@ def _principle_stats(session: Session, round_ids: list[int]) -> dict[int, list[P
             func.sum(case((LabelRow.verdict == "tie", 1), else_=0)),
             func.sum(case((LabelRow.inconsistent.is_(True), 1), else_=0)),
             func.sum(case((LabelRow.pair_id.in_(asked_pairs()), 1), else_=0)),
+            func.sum(case((chosen_length > rejected_length, 1), else_=0)),
+            func.sum(case((chosen_length != rejected_length, 1), else_=0)),
         )
         .select_from(LabelRow)
         .join(PairRow, PairRow.id == LabelRow.pair_id)
+        # Ties have neither: their lengths are NULL, and NULL comparisons count as no.
+        .outerjoin(chosen, chosen.id == LabelRow.chosen_response_id)
+        .outerjoin(rejected, rejected.id == LabelRow.rejected_response_id)
         .outerjoin(
             JudgmentRow,
             and_(
@@ -212,9 +230,9 @@ def _principle_stats(session: Session, round_ids: list[int]) -> dict[int, list[P
         .order_by(PairRow.round_id, key)
     )
     stats: dict[int, list[PrincipleStats]] = {}
-    for round_id, principle, labeled, ties, flips, asked in rows:
+    for round_id, principle, labeled, ties, flips, asked, longer, decided in rows:
         stats.setdefault(round_id, []).append(
-            PrincipleStats(principle, labeled, int(ties), int(flips), int(asked))
+            PrincipleStats(principle, labeled, int(ties), int(flips), int(asked), int(longer), int(decided))
         )
     return stats
 

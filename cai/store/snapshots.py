@@ -10,6 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
 from cai.errors import NotFound
+from cai.judge import prob_a
+from cai.store.labels import stored_verdict
 from cai.store.models import (
     ConstitutionRow,
     JudgeRow,
@@ -27,6 +29,16 @@ from cai.store.samples import EVAL_KIND
 
 
 @dataclass(frozen=True)
+class PrincipleVerdict:
+    """One principle's verdict on a pair in one order, as the label's judge gave it (pair terms)."""
+
+    principle: str
+    order: str
+    verdict: str
+    prob_a: float | None
+
+
+@dataclass(frozen=True)
 class LabelledPair:
     pair_id: int
     kind: str
@@ -39,7 +51,12 @@ class LabelledPair:
     source: str
     """'human', 'rule' (rule principles decided it) or 'judge'."""
     principle: str | None
+    """The (first) judged principle the pair was labelled under; rules aside."""
     judge: str | None
+    verdicts: tuple[PrincipleVerdict, ...] = ()
+    """Every judged principle's verdict in each order, from the judge whose label this is."""
+    lengths: tuple[int, int] = (0, 0)
+    """Words in the chosen and the rejected response."""
 
 
 def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
@@ -64,17 +81,25 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
             labels[label.pair_id] = label  # newest wins, and human beats judge
     judges = dict(session.execute(select(JudgeRow.id, JudgeRow.model)).all())
     principles: dict[int, str] = {}
+    verdicts: dict[int, list[PrincipleVerdict]] = {}
     rule_splits: set[int] = set()
-    for judged_pair, key, principle_kind, verdict in session.execute(
-        select(JudgmentRow.pair_id, PrincipleRow.key, PrincipleRow.kind, JudgmentRow.verdict)
+    for judged_pair, judge_id, key, principle_kind, row in session.execute(
+        select(JudgmentRow.pair_id, JudgmentRow.judge_id, PrincipleRow.key, PrincipleRow.kind, JudgmentRow)
         .join(PrincipleRow, PrincipleRow.id == JudgmentRow.principle_id)
         .where(JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.status == "ok")
+        .order_by(JudgmentRow.id)  # planned in the order the principles were drawn
     ):
         if judged_pair is None:
             continue
         if principle_kind == "llm":
             principles.setdefault(judged_pair, key)
-        elif verdict in ("A", "B"):
+            labelled_by = labels.get(judged_pair)
+            if labelled_by is not None and labelled_by.judge_id == judge_id:
+                verdict = stored_verdict(row)
+                verdicts.setdefault(judged_pair, []).append(
+                    PrincipleVerdict(key, row.order, verdict.verdict, prob_a(verdict))
+                )
+        elif row.verdict in ("A", "B"):
             rule_splits.add(judged_pair)
     result = []
     for pair_id, kind, prompt_sha, messages, a_id, a_text, b_id, b_text in rows:
@@ -103,6 +128,8 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
                 source=source,
                 principle=principles.get(pair_id),
                 judge=judges.get(effective.judge_id) if effective.judge_id else None,
+                verdicts=tuple(verdicts.get(pair_id, ())),
+                lengths=(len(chosen.split()), len(rejected.split())),
             )
         )
     return result
