@@ -43,6 +43,7 @@ from cai.store.models import (
     EvaluationRow,
     JudgeRow,
     JudgmentRow,
+    LabelRow,
     PairRow,
     ResponseRow,
     RoundRow,
@@ -422,6 +423,25 @@ def test_logprobs_arrive_and_verdict_probabilities_are_stored(pairwise: Pairwise
         assert set(j.choice_probs) == {"A", "B", "tie"}
         assert math.fsum(j.choice_probs.values()) == pytest.approx(1.0)
         assert j.verdict is not None and j.confidence == pytest.approx(j.choice_probs[j.verdict])
+    # Each pair's label carries the probability over both orders: A's share of A and B, averaged.
+    by_pair: dict[int, list[JudgmentRow]] = {}
+    for j in ok:
+        if j.pair_id is not None:
+            by_pair.setdefault(j.pair_id, []).append(j)
+    with session_scope(pairwise.workspace.engine) as session:
+        labels = {
+            label.pair_id: (label.verdict, label.confidence)
+            for label in session.scalars(select(LabelRow).where(LabelRow.pair_id.in_(list(by_pair))))
+        }
+    agreed = 0
+    for pair_id, orders in by_pair.items():
+        if len(orders) != 2 or orders[0].verdict != orders[1].verdict or orders[0].verdict == "tie":
+            continue
+        p_a = math.fsum(o.choice_probs["A"] / (o.choice_probs["A"] + o.choice_probs["B"]) for o in orders) / 2
+        verdict, confidence = labels[pair_id]
+        assert confidence == pytest.approx(p_a if verdict == "A" else 1 - p_a)
+        agreed += 1
+    assert agreed > 0  # greedy decoding: the same pairs agree on every run
 
 
 # --- the other modes, calibration, a loop round ----------------------------------------------------
