@@ -15,7 +15,7 @@ import torch
 from cai.backends import convert
 from cai.backends.base import ChatRequest, PermanentError, SampleRequest, SamplingParams
 from cai.backends.convert import build_atomically, ensure_local_model
-from cai.backends.hf import HFChat, HFSampler, answer_with_choice, decode, nucleus_floor
+from cai.backends.hf import HFChat, HFSampler, answer_with_choice, decode, nucleus_floor, pick_tokens
 from cai.constitution import load_constitution
 from cai.judge import ORDERS, pairwise_request
 from cai.registry import ModelRef
@@ -137,6 +137,22 @@ def test_nucleus_floor_matches_a_full_sort(peak: float) -> None:
         count = ((head.cumsum(-1) - head) < top_p).sum(-1, keepdim=True)
         assert torch.equal(nucleus_floor(probs, top_p, k=64), head.gather(-1, count - 1))
     assert torch.equal(nucleus_floor(probs, 1.0), torch.zeros(5, 1))
+
+
+@pytest.mark.parametrize("peak", [0.5, 3.0, 20.0])  # nucleus past the head, inside it, a few tokens
+def test_pick_tokens_scores_only_the_nucleus_and_picks_what_the_whole_vocabulary_would(peak: float) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(12, 5000) * peak
+    logits[3, :400] = logits[3, 0]  # a row whose floor ties far past the head: the whole-row path
+    for temperature, top_p in ((0.8, 0.95), (1.0, 0.5), (0.7, 1.0)):
+        seeds = range(100, 112)
+        got = pick_tokens(logits, [torch.Generator().manual_seed(s) for s in seeds], temperature, top_p)
+        scaled = logits / temperature
+        probs = torch.softmax(scaled, dim=-1)
+        floor = nucleus_floor(probs, top_p, k=probs.shape[-1])  # a full sort: the definition
+        noise = torch.stack([torch.rand(5000, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        want = (scaled - torch.log(-torch.log(noise))).masked_fill(probs < floor, float("-inf")).argmax(-1)
+        assert torch.equal(got, want)
 
 
 @pytest.fixture(scope="module")

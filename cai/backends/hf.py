@@ -183,12 +183,41 @@ def pick_tokens(
     # argmax(logits + Gumbel noise) is an exact sample. One noise value per vocabulary entry makes
     # a row's pick as robust as greedy to the ~1e-6 logit differences a different batch causes;
     # inverting a CDF with one uniform draw instead flips picks measurably often at temperature 1.
-    uniforms = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
-    gumbel = -torch.log(-torch.log(uniforms.to(logits.device)))
-    return (logits + gumbel).masked_fill(probs < floor, float("-inf")).argmax(-1)
+    # Every row draws the whole vocabulary's noise (so its stream does not depend on the nucleus),
+    # but the logs are taken only where they can win: inside the nucleus.
+    uniforms = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
+    k = min(NUCLEUS_HEAD, probs.shape[-1])
+    head_probs, head = probs.topk(k, dim=-1)
+    # A row's nucleus lies in its head unless the head falls short of top_p, or ties at the floor
+    # may continue past it; such rows take the whole vocabulary.
+    inside_head = (
+        (head_probs[:, -1:] < floor).squeeze(-1)
+        if top_p < 1.0
+        else torch.zeros_like(floor[:, 0], dtype=torch.bool)
+    )
+    picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    if inside_head.any():
+        rows = inside_head.nonzero().squeeze(-1)
+        index = head[rows]
+        noise = -torch.log(-torch.log(uniforms[rows].gather(-1, index)))
+        score = (logits[rows].gather(-1, index) + noise).masked_fill(
+            head_probs[rows] < floor[rows], float("-inf")
+        )
+        picked[rows] = index.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)
+    if not inside_head.all():
+        rows = (~inside_head).nonzero().squeeze(-1)
+        gumbel = -torch.log(-torch.log(uniforms[rows]))
+        score = (logits[rows] + gumbel).masked_fill(probs[rows] < floor[rows], float("-inf"))
+        picked[rows] = score.argmax(-1)
+    return picked
 
 
-def nucleus_floor(probs: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
+NUCLEUS_HEAD = 256
+"""How many of a row's most probable tokens nucleus_floor sorts, and pick_tokens scores, before
+falling back to the whole vocabulary."""
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: float, k: int = NUCLEUS_HEAD) -> torch.Tensor:
     """Per row, the smallest probability inside the nucleus (the most probable tokens whose mass
     first reaches top_p; ties at the edge all stay in). Sorting a 49k vocabulary costs ~8 ms a row
     on CPU, so only the top k are sorted, and a whole row only when they fall short of top_p."""
