@@ -29,9 +29,10 @@ peer_failure=.venv/llama-cpp-python-install-failed.txt
 rm -f "$peer_failure"
 # Built for AVX2 rather than for this CPU (GGML_NATIVE): on a Xeon with AVX-512 and AMX the native
 # build passed its import and then died of a general protection fault in libggml-cpu on the first
-# completion. Every machine this project runs on has AVX2. CMAKE_ARGS set by the caller wins.
+# completion. Every machine this project runs on has AVX2. LLAVA_BUILD=OFF skips libmtmd (images
+# and audio, which cai never sends), a sizeable part of the build. CMAKE_ARGS set by the caller wins.
 if ! CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-  CMAKE_ARGS=${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON} \
+  CMAKE_ARGS=${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF} \
   .venv/bin/python -m pip install -q -e '.[peer]' >.venv/peer-install.log 2>&1; then
   # The build's first error (a few lines of it), then pip's last word; the whole log stays.
   {

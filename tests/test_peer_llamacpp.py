@@ -36,8 +36,10 @@ from sqlalchemy import Engine, create_engine, func, select
 
 from cai.backends.llamacpp_server import llama_cpp_server, unavailable_reason
 from cai.errors import BadInput
+from cai.labelling import judged_label
 from cai.registry import embedded_gguf
 from cai.store.db import session_scope
+from cai.store.labels import verdicts_by_principle
 from cai.store.models import (
     CalibrationRow,
     EvaluationRow,
@@ -423,25 +425,28 @@ def test_logprobs_arrive_and_verdict_probabilities_are_stored(pairwise: Pairwise
         assert set(j.choice_probs) == {"A", "B", "tie"}
         assert math.fsum(j.choice_probs.values()) == pytest.approx(1.0)
         assert j.verdict is not None and j.confidence == pytest.approx(j.choice_probs[j.verdict])
-    # Each pair's label carries the probability over both orders: A's share of A and B, averaged.
+    # Each pair's probability over both orders (A's share of A and B, averaged) from what llama.cpp
+    # returned, and the label the store made of the same two judgments.
     by_pair: dict[int, list[JudgmentRow]] = {}
     for j in ok:
         if j.pair_id is not None:
             by_pair.setdefault(j.pair_id, []).append(j)
     with session_scope(pairwise.workspace.engine) as session:
         labels = {
-            label.pair_id: (label.verdict, label.confidence)
+            label.pair_id: label
             for label in session.scalars(select(LabelRow).where(LabelRow.pair_id.in_(list(by_pair))))
         }
-    agreed = 0
-    for pair_id, orders in by_pair.items():
-        if len(orders) != 2 or orders[0].verdict != orders[1].verdict or orders[0].verdict == "tie":
-            continue
-        p_a = math.fsum(o.choice_probs["A"] / (o.choice_probs["A"] + o.choice_probs["B"]) for o in orders) / 2
-        verdict, confidence = labels[pair_id]
-        assert confidence == pytest.approx(p_a if verdict == "A" else 1 - p_a)
-        agreed += 1
-    assert agreed > 0  # greedy decoding: the same pairs agree on every run
+    both = {pair_id: orders for pair_id, orders in by_pair.items() if len(orders) == 2}
+    assert both
+    for pair_id, orders in both.items():
+        judged = judged_label(verdicts_by_principle(orders))
+        assert judged is not None and judged.prob_a is not None
+        shares = [o.choice_probs["A"] / (o.choice_probs["A"] + o.choice_probs["B"]) for o in orders]
+        assert judged.prob_a == pytest.approx(math.fsum(shares) / 2)
+        label = labels[pair_id]
+        assert (label.verdict, label.inconsistent) == (judged.verdict, judged.inconsistent)
+        if judged.verdict != "tie":
+            assert label.confidence == pytest.approx(max(judged.prob_a, 1 - judged.prob_a))
 
 
 # --- the other modes, calibration, a loop round ----------------------------------------------------
