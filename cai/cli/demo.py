@@ -67,7 +67,7 @@ def demo(
     prompt set in a fresh SQLite database under --dir, start a round with the embedded
     SmolLM2-135M-Instruct, then generate, judge (rules in code, the embedded model for the
     judged principles), export, train LoRA adapters with DPO, and compare the trained policy with
-    its parent on held-out prompts. About 10 minutes on 2 CPU cores, each stage's time shown at the
+    its parent on held-out prompts. About 8 minutes on 2 CPU cores, each stage's time shown at the
     end. Rerun it to resume. With
     --judge-server llama.cpp the same embedded model judges from behind llama.cpp's server."""
     from cai.backends import llamacpp_server
