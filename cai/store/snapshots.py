@@ -10,8 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
 from cai.errors import NotFound
-from cai.judge import prob_a
-from cai.store.labels import stored_verdict
+from cai.judge import Verdict, prob_a
 from cai.store.models import (
     ConstitutionRow,
     JudgeRow,
@@ -83,8 +82,17 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
     principles: dict[int, str] = {}
     verdicts: dict[int, list[PrincipleVerdict]] = {}
     rule_splits: set[int] = set()
-    for judged_pair, judge_id, key, principle_kind, row in session.execute(
-        select(JudgmentRow.pair_id, JudgmentRow.judge_id, PrincipleRow.key, PrincipleRow.kind, JudgmentRow)
+    # The columns a verdict needs, not whole rows: raw outputs and rationales stay in the database.
+    for judged_pair, judge_id, key, principle_kind, order, verdict, choice_probs in session.execute(
+        select(
+            JudgmentRow.pair_id,
+            JudgmentRow.judge_id,
+            PrincipleRow.key,
+            PrincipleRow.kind,
+            JudgmentRow.order,
+            JudgmentRow.verdict,
+            JudgmentRow.choice_probs,
+        )
         .join(PrincipleRow, PrincipleRow.id == JudgmentRow.principle_id)
         .where(JudgmentRow.pair_id.in_(pair_ids), JudgmentRow.status == "ok")
         .order_by(JudgmentRow.id)  # planned in the order the principles were drawn
@@ -95,11 +103,11 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
             principles.setdefault(judged_pair, key)
             labelled_by = labels.get(judged_pair)
             if labelled_by is not None and labelled_by.judge_id == judge_id:
-                verdict = stored_verdict(row)
+                p_a = prob_a(Verdict(verdict or "tie", "", None, choice_probs))
                 verdicts.setdefault(judged_pair, []).append(
-                    PrincipleVerdict(key, row.order, verdict.verdict, prob_a(verdict))
+                    PrincipleVerdict(key, order, verdict or "tie", p_a)
                 )
-        elif row.verdict in ("A", "B"):
+        elif verdict in ("A", "B"):
             rule_splits.add(judged_pair)
     result = []
     for pair_id, kind, prompt_sha, messages, a_id, a_text, b_id, b_text in rows:
