@@ -234,8 +234,7 @@ async def calibrate(
 def _ensemble_row(ensembles: list[tuple[str, list[PairLabel]]], k: int, pairs: int) -> dict[str, Any]:
     """How the labels made from the first k principles of each scored gold pair did: accuracy
     (over every gold pair; failed ones and ties count as not right), the share labelled the wrong
-    way round, flip rate, mean confidence when right and
-    when wrong, and the Brier score (mean squared distance from the truth, lower is better) of the
+    way round, flip rate, mean confidence when right and when wrong, and the Brier score (mean squared distance from the truth, lower is better) of the
     soft label (the probability of the better response) beside that of the hard one (1, 0.5, 0)."""
     labels = [(better, ensemble_label(judged[:k])) for better, judged in ensembles if len(judged) >= k]
 

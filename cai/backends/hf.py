@@ -179,23 +179,23 @@ def pick_tokens(
         return logits.argmax(-1)
     logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)
-    floor = nucleus_floor(probs, top_p)
+    rows_n = probs.shape[0]
+    if top_p < 1.0:
+        head_probs, head = probs.topk(min(NUCLEUS_HEAD, probs.shape[-1]), dim=-1)
+        floor = nucleus_floor(probs, top_p, top=head_probs)
+        # A row's nucleus lies in its head unless the head falls short of top_p, or ties at the
+        # floor may continue past it; such rows take the whole vocabulary.
+        inside_head = (head_probs[:, -1:] < floor).squeeze(-1)
+    else:
+        floor = probs.new_zeros((rows_n, 1))
+        inside_head = torch.zeros(rows_n, dtype=torch.bool, device=probs.device)
     # argmax(logits + Gumbel noise) is an exact sample. One noise value per vocabulary entry makes
     # a row's pick as robust as greedy to the ~1e-6 logit differences a different batch causes;
     # inverting a CDF with one uniform draw instead flips picks measurably often at temperature 1.
     # Every row draws the whole vocabulary's noise (so its stream does not depend on the nucleus),
     # but the logs are taken only where they can win: inside the nucleus.
     uniforms = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
-    k = min(NUCLEUS_HEAD, probs.shape[-1])
-    head_probs, head = probs.topk(k, dim=-1)
-    # A row's nucleus lies in its head unless the head falls short of top_p, or ties at the floor
-    # may continue past it; such rows take the whole vocabulary.
-    inside_head = (
-        (head_probs[:, -1:] < floor).squeeze(-1)
-        if top_p < 1.0
-        else torch.zeros_like(floor[:, 0], dtype=torch.bool)
-    )
-    picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    picked = torch.empty(rows_n, dtype=torch.long, device=probs.device)
     if inside_head.any():
         rows = inside_head.nonzero().squeeze(-1)
         index = head[rows]
@@ -217,14 +217,17 @@ NUCLEUS_HEAD = 256
 falling back to the whole vocabulary."""
 
 
-def nucleus_floor(probs: torch.Tensor, top_p: float, k: int = NUCLEUS_HEAD) -> torch.Tensor:
+def nucleus_floor(
+    probs: torch.Tensor, top_p: float, k: int = NUCLEUS_HEAD, top: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per row, the smallest probability inside the nucleus (the most probable tokens whose mass
     first reaches top_p; ties at the edge all stay in). Sorting a 49k vocabulary costs ~8 ms a row
-    on CPU, so only the top k are sorted, and a whole row only when they fall short of top_p."""
+    on CPU, so only the top k are sorted, and a whole row only when they fall short of top_p.
+    `top`: those top k probabilities, sorted, when the caller has them already."""
     if top_p >= 1.0:
         return probs.new_zeros((probs.shape[0], 1))
-    k = min(k, probs.shape[-1])
-    top = probs.topk(k, dim=-1).values
+    if top is None:
+        top = probs.topk(min(k, probs.shape[-1]), dim=-1).values
     floor = torch.empty((probs.shape[0], 1), dtype=probs.dtype, device=probs.device)
     short = top.sum(-1) < top_p
     for rows, head in ((~short, top[~short]), (short, probs[short].sort(dim=-1, descending=True).values)):
