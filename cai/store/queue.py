@@ -161,10 +161,10 @@ def plan_judgments(
     judge, and record the rule checks (run beforehand by `check_pair_rules`). Sampled and eval
     pairs get `principles_per_pair` distinct principles drawn by weight (an ensemble); revision
     pairs are judged under the principle they were revised for. With `rules_first`, pairs the
-    rule principles already separate are not sent to the LLM
-    judge: the rules would overrule its verdict anyway. `max_judge_pairs` caps the pairs of this
-    kind the LLM judge is asked about (a seeded draw, so the sample spreads over prompts); pairs
-    left out get a label only where the rules decide. Idempotent."""
+    rule principles already separate are not sent to the LLM judge: the rules would overrule its
+    verdict anyway. `max_judge_pairs` caps the pairs of this kind the LLM judge is asked about (a
+    seeded draw, so the sample spreads over prompts); pairs left out get a label only where the
+    rules decide. Idempotent."""
     principles = principle_ids(session, constitution_id)
     rule_ids = _rule_principle_ids(session, constitution, constitution_id)
     has_llm = len(rule_ids) < len(constitution.principles)
