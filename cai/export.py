@@ -5,6 +5,7 @@ last. Deterministic: the same labels and filters give byte-identical files."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,34 +158,42 @@ def write_snapshot(
         )
     splits = {"train": [p for p in kept if not in_eval(p.prompt_sha256, filters)]}
     splits["eval"] = [p for p in kept if in_eval(p.prompt_sha256, filters)]
+    manifest = {
+        "format": FORMAT,
+        "round": provenance.round_id,
+        "constitution": provenance.constitution,
+        "policy": provenance.policy,
+        "judges": provenance.judges,
+        "filters": filters.as_dict(),
+        "counts": {
+            "train": len(splits["train"]),
+            "eval": len(splits["eval"]),
+            "dropped": dropped,
+            "by_source": _count(kept, "source"),
+        },
+    }
+    writers = {split: functools.partial(_write_parquet, rows=rows) for split, rows in splits.items() if rows}
+    return publish_snapshot(out, writers, manifest, overwrite)
+
+
+def publish_snapshot(
+    out: Path, writers: Mapping[str, Callable[[Path], None]], manifest: dict[str, Any], overwrite: bool
+) -> dict[str, Any]:
+    """Build a snapshot beside `out` and rename it into place: each split's parquet file (only
+    non-empty splits have a writer: datasets cannot read a 0-row file), then `manifest` with the
+    files' hashes added, written last. An identical snapshot already at `out` is left as it is.
+    Returns the manifest as read back."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out.parent)
     with _work_dir(out, "tmp") as tmp:
         (tmp / "data").mkdir(parents=True)
         files = {}
-        for split, rows in splits.items():
-            if not rows:
-                continue  # datasets cannot read a 0-row parquet file: an empty split has no file
+        for split, write in writers.items():
             name = f"data/{split}-00000-of-00001.parquet"
-            _write_parquet(tmp / name, rows)
+            write(tmp / name)
             files[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
-        manifest = {
-            "format": FORMAT,
-            "round": provenance.round_id,
-            "constitution": provenance.constitution,
-            "policy": provenance.policy,
-            "judges": provenance.judges,
-            "filters": filters.as_dict(),
-            "counts": {
-                "train": len(splits["train"]),
-                "eval": len(splits["eval"]),
-                "dropped": dropped,
-                "by_source": _count(kept, "source"),
-            },
-            "files": files,
-        }
         # Written last: a directory without a manifest is not a snapshot.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest | {"files": files}, indent=2, sort_keys=True) + "\n")
         _move_into_place(tmp, out, overwrite)
     return load_manifest(out)
 
@@ -193,8 +202,9 @@ def manifest_sha256(snapshot: Path) -> str:
     return hashlib.sha256((snapshot / MANIFEST).read_bytes()).hexdigest()
 
 
-def load_manifest(snapshot: Path) -> dict[str, Any]:
-    """The manifest of a complete, unaltered snapshot; BadInput for anything else."""
+def load_manifest(snapshot: Path, expected_format: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete, unaltered snapshot (of `expected_format`, when given: a
+    preference snapshot FORMAT or an SFT one); BadInput for anything else."""
     path = Path(snapshot) / MANIFEST
     if not path.is_file():
         raise BadInput(f"{snapshot}: not a snapshot (no {MANIFEST}): an interrupted export leaves none")
@@ -206,6 +216,12 @@ def load_manifest(snapshot: Path) -> dict[str, Any]:
         file = Path(snapshot) / name
         if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
             raise BadInput(f"{file}: missing or changed since the snapshot was written (sha256 mismatch)")
+    found = manifest.get("format", FORMAT)
+    if expected_format is not None and found != expected_format:
+        raise BadInput(
+            f"{snapshot}: a {found} snapshot, where {expected_format} is needed "
+            "(cai export --kind dpo makes one for cai train, --kind sft one for cai sft)"
+        )
     return dict(manifest)
 
 

@@ -95,6 +95,16 @@ def run_job(
     if job.kind == "train":
         assert round_id is not None
         return train(ws, round_id, settings, progress)
+    if job.kind == "revise":
+        from cai.stages.revise import run_revise
+
+        assert round_id is not None
+        return asdict(run_revise(ws, round_id, settings, progress))
+    if job.kind == "sft":
+        from cai.stages.sft import run_sft
+
+        assert round_id is not None
+        return run_sft(ws, round_id, settings, progress)
     if job.kind == "eval":
         from cai.stages.evaluate import run_eval
 

@@ -19,7 +19,9 @@ from cai.constitution import Constitution, Principle
 from cai.errors import BadInput
 from cai.resources import data_dir
 
-REQUIRED = ("judge_pairwise", "judge_score", "critique", "revision")
+REQUIRED = ("judge_pairwise", "judge_score", "critique", "revision", "chain_critique", "chain_revision")
+CHAIN_TEMPLATES = ("chain_critique", "chain_revision")
+"""The follow-up turns of a critique-revision chain (cai.chains)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,12 @@ def single_context(
     }
 
 
+def chain_context(constitution: Constitution, principle: Principle) -> dict[str, Any]:
+    """Context for chain_critique and chain_revision: turns in the conversation under review,
+    so nothing is fenced (they carry only the constitution's own text)."""
+    return {"constitution": _constitution_view(constitution), "principle": _principle_view(principle)}
+
+
 def sample_context(name: str) -> dict[str, Any]:
     """Representative values for `templates check` and the golden tests."""
     constitution = Constitution(
@@ -185,6 +193,8 @@ def sample_context(name: str) -> dict[str, Any]:
     )
     principle = constitution.principles[0]
     conversation = [{"role": "user", "content": "How far away is the Moon?"}]
+    if name in CHAIN_TEMPLATES:
+        return chain_context(constitution, principle)
     if name == "judge_pairwise":
         return pairwise_context(
             constitution,

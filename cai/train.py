@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel
 
+    from cai.sft import SftConfig
+
 OnLog = Callable[[int, dict[str, float]], None]
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 SPLITS = ("train", "eval")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR-<global step>
 INCOMPLETE_DIR = "incomplete-checkpoints"
@@ -144,7 +147,14 @@ def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a YAML or JSON file (JSON is YAML), with `overrides` on top; overrides that
     are None are ignored, so a CLI can pass its unset options through. Raises BadInput naming the
     file and every bad field."""
-    where = str(path) if path is not None else "train config"
+    return config_from_file(TrainConfig, path, "train config", overrides)
+
+
+def config_from_file(
+    config_class: type[ConfigT], path: Path | None, name: str, overrides: dict[str, Any]
+) -> ConfigT:
+    """`config_class` from a YAML or JSON file with `overrides` on top (see load_config)."""
+    where = str(path) if path is not None else name
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -158,7 +168,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
         values = dict(loaded or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return TrainConfig(**values)
+        return config_class(**values)
     except ValidationError as e:
         problems = [
             f"{where}: {'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}"
@@ -182,16 +192,19 @@ class TrainResult:
         return self.resumed_from is not None
 
 
-def load_snapshot(snapshot_dir: Path, cache_dir: Path | None = None) -> dict[str, Dataset]:
+def load_snapshot(
+    snapshot_dir: Path, cache_dir: Path | None = None, expected_format: str | None = None
+) -> dict[str, Dataset]:
     """The snapshot's non-empty splits ('train', 'eval') as datasets. Refuses an incomplete or
-    altered snapshot (no manifest.json, or files that no longer match it)."""
+    altered snapshot (no manifest.json, or files that no longer match it), and one of another
+    format than `expected_format` (default: a preference snapshot)."""
     import pyarrow.parquet as pq
     from datasets import load_dataset
 
-    from cai.export import load_manifest
+    from cai.export import FORMAT, load_manifest
 
     snapshot_dir = Path(snapshot_dir)
-    load_manifest(snapshot_dir)
+    load_manifest(snapshot_dir, expected_format or FORMAT)
 
     data_files: dict[str, list[str]] = {}
     for split in SPLITS:
@@ -201,7 +214,7 @@ def load_snapshot(snapshot_dir: Path, cache_dir: Path | None = None) -> dict[str
         if files and sum(pq.ParquetFile(f).metadata.num_rows for f in files) > 0:
             data_files[split] = files
     if "train" not in data_files:
-        raise BadInput(f"{snapshot_dir}: the snapshot has no training pairs")
+        raise BadInput(f"{snapshot_dir}: the snapshot has no training rows")
     loaded = load_dataset("parquet", data_files=data_files, cache_dir=str(cache_dir) if cache_dir else None)
     return {split: loaded[split] for split in data_files}
 
@@ -228,7 +241,7 @@ def train_dpo(
     rewards/*, logps/*...) and the final eval metrics."""
     snapshot_dir, policy_dir, output_dir = Path(snapshot_dir), Path(policy_dir), Path(output_dir)
     reference_dir = Path(reference_dir) if reference_dir is not None else None
-    _check_optional_dependencies(config)
+    check_optional_dependencies(config)
     splits = load_snapshot(snapshot_dir, cache_dir=output_dir / "cache")
 
     import torch
@@ -266,8 +279,8 @@ def train_dpo(
             train_dataset=splits["train"],
             eval_dataset=splits.get("eval"),
             processing_class=tokenizer,
-            callbacks=[_log_forwarder(on_log)] if on_log else None,
-            peft_config=_lora_config(config),
+            callbacks=[log_forwarder(on_log)] if on_log else None,
+            peft_config=lora_config(config),
         )
         if config.lora_r is not None and _parameters_sharded(trainer):
             # The merge below runs on one process over its own copy of the weights; with ZeRO-3 or
@@ -287,7 +300,7 @@ def train_dpo(
         if "eval" in splits:
             metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
 
-        final = _save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
+        final = save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
     return TrainResult(
         metrics=metrics,
         steps=trainer.state.global_step,
@@ -397,14 +410,14 @@ def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
     )
 
 
-def _check_optional_dependencies(config: TrainConfig) -> None:
+def check_optional_dependencies(config: TrainConfig | SftConfig) -> None:
     import importlib.util
 
     if config.report_to_tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise BadInput("report_to_tensorboard needs tensorboard: pip install tensorboard")
 
 
-def _lora_config(config: TrainConfig) -> Any:
+def lora_config(config: TrainConfig | SftConfig) -> Any:
     if config.lora_r is None:
         return None
     from peft import LoraConfig
@@ -571,7 +584,7 @@ def _with_confidence(collate: Any) -> Any:
     return collate_with_confidence
 
 
-def _log_forwarder(on_log: OnLog) -> Any:
+def log_forwarder(on_log: OnLog) -> Any:
     """A TrainerCallback handing each training log (and the final eval) to `on_log`; the end-of-run
     summary (train_runtime...) goes into TrainResult.metrics instead."""
     from transformers import TrainerCallback
@@ -597,7 +610,7 @@ def _parameters_sharded(trainer: Any) -> bool:
     )
 
 
-def _save_final(trainer: Any, tokenizer: Any, output_dir: Path, *, merge_lora: bool) -> Path:
+def save_final(trainer: Any, tokenizer: Any, output_dir: Path, *, merge_lora: bool) -> Path:
     """Write the trained model and tokenizer to `output_dir/final` from any number of processes.
     Every process must call this: under ZeRO-3 or FSDP the weights are gathered collectively, so
     each one joins `save_model`. Only the main process writes, into a staging dir whose path all

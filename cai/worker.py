@@ -27,9 +27,9 @@ from cai.workspace import Workspace
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-DEFAULT_KINDS = ("generate", "judge", "export", "eval", "calibrate")
-"""What a worker takes unless told: everything but training (train and loop jobs need a machine
-meant for it: `--kinds train,loop` on the GPU worker)."""
+DEFAULT_KINDS = ("generate", "judge", "export", "eval", "calibrate", "revise")
+"""What a worker takes unless told: everything but training (train, sft and loop jobs need a
+machine meant for it: `--kinds train,sft,loop` on the GPU worker)."""
 
 
 @dataclass(frozen=True)

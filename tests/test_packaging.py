@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cai.templates import REQUIRED
 from tests.conftest import REPO
 
 HEAVY = ("torch", "transformers", "trl", "datasets", "openai", "sqlalchemy", "alembic", "pyarrow")
@@ -72,4 +73,5 @@ def test_installed_wheel_works_outside_the_checkout(tmp_path: Path) -> None:
     assert "imported 240" in cai(
         "prompts", "import", str(site / "cai/_data/prompt_sets/helpful-harmless.jsonl")
     )
-    assert cai("templates", "check").count("ok ") == 4
+    assert cai("templates", "check").count("ok ") == len(REQUIRED)
+    assert "imported 22" in cai("prompts", "import", str(site / "cai/_data/prompt_sets/multi-turn.jsonl"))

@@ -17,6 +17,7 @@ from cai.cli import (
     prompts,
     report,
     rounds,
+    sl,
     templates,
     tokens,
     train,
@@ -36,8 +37,10 @@ app.add_typer(rounds.app, name="round")
 app.add_typer(templates.app, name="templates")
 app.command("generate")(labeling.generate)
 app.add_typer(labeling.judge_app, name="judge")
+app.command("revise")(sl.revise)
 app.command("export")(export.export)
 app.command("train")(train.train)
+app.command("sft")(sl.sft)
 app.command("eval")(evaluate.evaluate)
 app.command("loop")(loop.loop)
 app.command("demo")(demo.demo)

@@ -23,7 +23,11 @@ def export(
     messages, plus provenance) and manifest.json, last. Ties and pairs of two identical texts
     are left out; a prompt with the same two texts (in either order) is exported once; human
     overrides replace judge labels; revision pairs are kept only where the revision won. Load it
-    with `datasets.load_dataset(DIR)` or `trl dpo --dataset_name DIR`."""
+    with `datasets.load_dataset(DIR)` or `trl dpo --dataset_name DIR`.
+
+    With --kind sft (an SL round): one row per revision chain, `messages` = the prompt's turns and
+    the chain's final revision, with the first answer and every step as provenance; for `cai sft`
+    or `trl sft --dataset_name DIR`."""
     if submit_job:
         submit(ctx, "export", round_id, settings)
         return
@@ -44,6 +48,15 @@ def export(
         return
     counts = result.manifest["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v) or "none"
+    if settings.kind == "sft":
+        lengths = ", ".join(f"{k}: {v}" for k, v in counts["by_chain_length"].items())
+        out.print(
+            f"SFT snapshot {result.snapshot_id}{'' if result.created else ' (unchanged)'} at {result.path}: "
+            f"train {counts['train']}, eval {counts['eval']} (chains by length {lengths}; dropped: {dropped}); "
+            f"manifest sha256 {digest[:12]}",
+            highlight=False,
+        )
+        return
     sources = ", ".join(f"{k} {v}" for k, v in counts["by_source"].items())
     out.print(
         f"snapshot {result.snapshot_id}{'' if result.created else ' (unchanged)'} at {result.path}: "

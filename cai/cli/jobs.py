@@ -40,7 +40,9 @@ def _who() -> str:
 @app.command("submit")
 def submit_command(
     ctx: typer.Context,
-    kind: str = typer.Argument(..., help="generate, judge, export, train, eval, calibrate or loop."),
+    kind: str = typer.Argument(
+        ..., help="generate, judge, export, train, eval, calibrate, loop, revise or sft."
+    ),
     round_id: int = typer.Option(
         None, "--round", "-r", metavar="ID", help="The round (a loop's first round; none for calibrate)."
     ),
@@ -204,10 +206,10 @@ def logs(ctx: typer.Context, job_id: int = typer.Argument(..., metavar="ID")) ->
 def worker(
     ctx: typer.Context,
     kinds: str = typer.Option(
-        "generate,judge,export,eval,calibrate",
+        "generate,judge,export,eval,calibrate,revise",
         "--kinds",
         help="Job kinds to take, comma-separated. Training is not taken unless listed: give train "
-        "(and loop, which trains) to the worker on the GPU machine.",
+        "and sft (and loop, which trains) to the worker on the GPU machine.",
     ),
     once: bool = typer.Option(False, "--once", help="Run at most one job, then exit."),
     poll: float = typer.Option(2.0, "--poll", min=0.05, help="Seconds between looks for work when idle."),

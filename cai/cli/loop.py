@@ -13,6 +13,7 @@ from cai.cli.app import JSON_OPTION, RichProgress, out, print_json, quiet_librar
 from cai.cli.flags import Flags, with_settings
 from cai.cli.jobs import SUBMIT_OPTION, submit
 from cai.cli.train import train_config_flags, train_settings
+from cai.sft import SftConfig, load_sft_config
 from cai.stages.settings import (
     EvalSettings,
     ExportSettings,
@@ -20,6 +21,8 @@ from cai.stages.settings import (
     JudgeSettings,
     LoopJob,
     LoopSettings,
+    ReviseSettings,
+    SftSettings,
 )
 
 if TYPE_CHECKING:
@@ -48,7 +51,22 @@ LOOP_TRAIN_FLAGS = train_config_flags(
     evaluation=Flags(EvalSettings, only=("samples", "limit"), prefix="eval-"),
     export=Flags(ExportSettings, only=("min_confidence",)),
     dpo=LOOP_TRAIN_FLAGS,
-    loop=Flags(LoopSettings, only=("artifacts",)),
+    loop=Flags(LoopSettings, only=("artifacts", "sl_first")),
+    revise=Flags(
+        ReviseSettings,
+        only=("revisions", "reviser_model", "reviser_base_url", "critique_max_tokens"),
+        rename={"revisions": ("--revisions",)},  # -n is --samples here
+    ),
+    sft_overrides=Flags(
+        SftConfig,
+        only=("max_steps", "learning_rate"),
+        rename={"max_steps": ("--sft-max-steps",), "learning_rate": ("--sft-lr",)},
+        overrides=True,
+        help={
+            "max_steps": "SL round: stop SFT after N optimizer steps.",
+            "learning_rate": "SL round: SFT learning rate.",
+        },
+    ),
 )
 def loop(
     ctx: typer.Context,
@@ -71,13 +89,17 @@ def loop(
     export: ExportSettings,
     dpo: dict[str, Any],
     loop: LoopSettings,
+    revise: ReviseSettings,
+    sft_overrides: dict[str, Any],
     submit_job: bool = SUBMIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run rounds until the chain starting at --from-round has K finished rounds. Each round:
     generate -> judge -> export -> train -> eval; the next round samples from the policy this
-    one trained. Rerun the same command after a crash: every round resumes at its stored status
-    and nothing stored is redone. Ends with a summary table per round."""
+    one trained. With --sl-first (or a chain that starts with an SL round), the supervised stage
+    runs once before them: critique-revision chains -> SFT snapshot -> SFT, and the first RL
+    round samples from the SFT model. Rerun the same command after a crash: every round resumes
+    at its stored status and nothing stored is redone. Ends with a summary table per round."""
     from cai.stages.loop import run_loop
 
     settings = LoopSettings.compose(
@@ -88,6 +110,9 @@ def loop(
         export=export,
         train=train_settings(train_config, dpo),
         artifacts=loop.artifacts,
+        revise=revise,
+        sft=SftSettings(sft=load_sft_config(None, **sft_overrides)),
+        sl_first=loop.sl_first,
     )
     if submit_job:
         submit(ctx, "loop", from_round, LoopJob(rounds=rounds, loop=settings))
@@ -132,7 +157,7 @@ def print_summaries(summaries: list[RoundSummary], as_json: bool) -> None:
     # One column per round, one row per figure: stays readable in an 80-column terminal.
     table = Table("", *(f"round {s.round_id}" for s in summaries), title="cai loop: per round")
     rows: list[tuple[str, Callable[[RoundSummary], str]]] = [
-        ("status", lambda s: s.status),
+        ("status", lambda s: s.status if s.kind == "rl" else f"{s.status} (SL)"),
         ("policy", lambda s: s.policy),
         ("pairs", lambda s: str(s.pairs)),
         ("labels (ties)", lambda s: f"{s.labels} ({s.ties})"),

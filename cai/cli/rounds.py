@@ -28,15 +28,21 @@ def start(
     ),
     tag: str = typer.Option(None, "--tag", help="Use only train prompts with this tag."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and principle draws."),
+    sl: bool = typer.Option(
+        False,
+        "--sl",
+        help="A supervised (SL-CAI) round: critique-revision chains (cai revise), their SFT snapshot "
+        "(cai export --kind sft) and SFT (cai sft). `cai loop` then runs the RL rounds from its model.",
+    ),
 ) -> None:
     """Create a round over the train prompts. Prints the new round id on stdout (details on stderr),
     so `ROUND=$(cai round start -c NAME@1)` works in scripts."""
     from cai.stages.rounds import start_round
 
-    started = start_round(workspace(ctx), constitution, policy, tag, seed)
+    started = start_round(workspace(ctx), constitution, policy, tag, seed, kind="sl" if sl else "rl")
     round_ = started.round
     err.print(
-        f"round {round_.id} started: {round_.constitution}, policy {round_.policy}, "
+        f"{'SL ' if sl else ''}round {round_.id} started: {round_.constitution}, policy {round_.policy}, "
         f"{started.prompts} train prompts",
         highlight=False,
     )

@@ -9,7 +9,7 @@ from typing import Any
 from cai.export import manifest_sha256, remove_stale_work_dirs, write_snapshot
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import ExportSettings
-from cai.stages.status import Event, Stage, advance, failure_recorded
+from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
 from cai.store import repo
 from cai.store.snapshots import labelled_pairs, record_snapshot, round_provenance
 from cai.workspace import Workspace
@@ -35,8 +35,10 @@ def run_export(
     `exported`. The same labels give the same files and the same snapshot row."""
     progress = progress or Silent()
     target = settings.out or default_snapshot_dir(round_id)
+    if settings.kind == "sft":
+        return _export_sft(ws, round_id, settings, target, progress)
     with ws.session() as session:
-        repo.get_round(session, round_id)  # a clear error for an unknown round
+        check_kind(repo.get_round(session, round_id).kind, Stage.EXPORT, round_id)
         pairs = labelled_pairs(session, round_id)
         provenance = round_provenance(session, round_id)
     with failure_recorded(ws, round_id, Stage.EXPORT):
@@ -51,4 +53,33 @@ def run_export(
                 session, round_id, str(target.resolve()), digest, manifest["counts"], manifest["filters"]
             )
             advance(session, round_id, Stage.EXPORT, Event.FINISH)
+    return ExportResult(snapshot_id, created, target, digest, manifest)
+
+
+def _export_sft(
+    ws: Workspace, round_id: int, settings: ExportSettings, target: Path, progress: Progress
+) -> ExportResult:
+    """An SL round's chains as an SFT snapshot; the round becomes `exported`."""
+    from cai.sft_export import write_sft_snapshot
+    from cai.store import chains
+
+    with ws.session() as session:
+        check_kind(repo.get_round(session, round_id).kind, Stage.SFT_EXPORT, round_id)
+        round_chains = chains.round_chains(session, round_id)
+        revisers = chains.revisers(session, round_id)
+        provenance = round_provenance(session, round_id)
+    with failure_recorded(ws, round_id, Stage.SFT_EXPORT):
+        for leftover in remove_stale_work_dirs(target.parent):
+            progress.note(f"removed {leftover}: left by an export that was killed")
+        progress.task(f"round {round_id}: writing SFT snapshot", len(round_chains))
+        manifest = write_sft_snapshot(
+            target, round_chains, provenance, settings.sft_filters(), revisers, settings.overwrite
+        )
+        digest = manifest_sha256(target)
+        progress.update(len(round_chains), len(round_chains))
+        with ws.session() as session:
+            snapshot_id, created = record_snapshot(
+                session, round_id, str(target.resolve()), digest, manifest["counts"], manifest["filters"]
+            )
+            advance(session, round_id, Stage.SFT_EXPORT, Event.FINISH)
     return ExportResult(snapshot_id, created, target, digest, manifest)

@@ -25,7 +25,7 @@ from cai.judge_round import judge_round as judge_all_phases
 from cai.judging import JudgeRun, RunStats
 from cai.stages.progress import Progress, Silent, Stopped
 from cai.stages.settings import CalibrateSettings, JudgeEndpoint, JudgeSettings
-from cai.stages.status import Event, RoundStatus, Stage, advance, failure_recorded
+from cai.stages.status import Event, RoundStatus, Stage, advance, check_kind, failure_recorded
 from cai.store import judges, repo
 from cai.workspace import Judge, Workspace
 
@@ -102,14 +102,15 @@ def run_judge(
     Fails (round `failed`, resumable) when not one request of the run got a verdict."""
     progress = progress or Silent()
     with ws.session() as session:
-        repo.get_round(session, round_id)  # unknown round: bad input, before any model loads
+        # An unknown round, or one of the other kind: bad input, before any model loads.
+        check_kind(repo.get_round(session, round_id).kind, Stage.JUDGE, round_id)
     judge = open_judge(ws, settings, progress)
     if settings.min_calibration is not None:
         with ws.session() as session:
             require_calibration(session, judge.spec, judge.templates, round_id, settings.min_calibration)
     options = ws.leased(settings.options())
     with ws.session() as session:
-        if repo.round_status(session, round_id) == (RoundStatus.FAILED, Stage.JUDGE):
+        if repo.round_status(session, round_id)[:2] == (RoundStatus.FAILED, Stage.JUDGE):
             # The last judge run failed (no verdict at all, say): redoing the stage redoes its
             # failures, unparseable ones included, or a rerun would call the round judged.
             options = dataclasses.replace(options, retry_failed=True)

@@ -1,5 +1,6 @@
 """The loop driver: rounds of generate -> judge -> export -> train -> eval, each round starting from
-the policy the previous one trained. The round's stored status (cai.stages.status) decides where
+the policy the previous one trained (after an SL round, if the chain has one: revise -> export
+-> sft, whose model the first preference round starts from). The round's stored status (cai.stages.status) decides where
 a rerun resumes; every stage skips what is stored, so nothing is redone."""
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from cai.stages.export import default_snapshot_dir, run_export
 from cai.stages.generate import run_generate
 from cai.stages.judge import run_judge
 from cai.stages.progress import Progress, Silent, check
+from cai.stages.revise import run_revise
 from cai.stages.settings import LoopSettings
+from cai.stages.sft import run_sft
 from cai.stages.status import FINISHED_BY, Stage, steps_left
 from cai.stages.train import default_run_dir, run_train
 from cai.store import progress as chain
@@ -47,20 +50,29 @@ def run_loop(
         first = from_round if from_round is not None else chain.latest_first_round(session)
         if first is None:
             raise BadInput("no rounds yet: start one (cai round start -c NAME@VERSION), then run the loop")
-        repo.get_round(session, first)  # unknown id: bad input
+        head = repo.get_round(session, first)  # unknown id: bad input
+        if settings.sl_first and head.kind == "rl":
+            first = chain.supervised_round_before(session, first)
+            if first != head.id:
+                progress.note(f"SL round {first} runs first; round {head.id} will start from its SFT model")
     done: list[int] = []
+    rl_rounds = 0
     seconds: dict[int, dict[str, float]] = {}
     current: int | None = first
-    while current is not None and len(done) < rounds:
+    # An SL round is the chain's prelude: `rounds` counts the preference rounds after it.
+    while current is not None and rl_rounds < rounds:
         done.append(current)
         seconds[current] = finish_round(ws, current, settings, progress, train)
-        if len(done) == rounds:
-            break
         with ws.session() as session:
-            current = chain.next_round(session, current)
+            rl_rounds += repo.get_round(session, current).kind == "rl"
+            if rl_rounds == rounds:
+                break
+            previous, current = current, chain.next_round(session, current)
             if current is None:
-                current = chain.start_next_round(session, done[-1])
-                progress.note(f"round {current} started from round {done[-1]}'s trained policy")
+                current = chain.start_next_round(session, previous)
+                progress.note(f"round {current} started from round {previous}'s trained policy")
+            else:
+                chain.follow_trained_policy(session, current, previous)
     with ws.session() as session:
         return [
             dataclasses.replace(chain.round_summary(session, round_id), stage_seconds=seconds[round_id])
@@ -78,7 +90,7 @@ def finish_round(
     """Run the stages `round_id` has left; returns each one's wall time in seconds."""
     with ws.session() as session:
         round_ = repo.get_round(session, round_id)
-    todo = steps_left(round_.status, round_.failed_step)
+    todo = steps_left(round_.status, round_.failed_step, round_.kind)
     if todo:
         progress.note(f"round {round_id}: {round_.status} -> {' -> '.join(todo)}")
     seconds: dict[str, float] = {}
@@ -120,6 +132,20 @@ def _run_stage(
         progress.note(
             f"round {round_id}: snapshot {result.path} (train {counts['train']}, eval {counts['eval']})"
         )
+    elif stage is Stage.REVISE:
+        revised = run_revise(ws, round_id, s.revise, progress)
+        progress.note(
+            f"round {round_id}: {revised.steps_done} revisions, {revised.steps_failed} unusable, "
+            f"{revised.chains_complete} chains complete"
+        )
+    elif stage is Stage.SFT_EXPORT:
+        export = s.sft_export.model_copy(update={"out": default_snapshot_dir(round_id, s.artifacts)})
+        counts = run_export(ws, round_id, export, progress).manifest["counts"]
+        progress.note(f"round {round_id}: SFT snapshot (train {counts['train']}, eval {counts['eval']})")
+    elif stage is Stage.SFT:
+        tuned = s.sft.model_copy(update={"output": default_run_dir(round_id, s.artifacts)})
+        tuned_run = run_sft(ws, round_id, tuned, progress)
+        progress.note(f"round {round_id}: SFT {tuned_run['steps']} steps -> policy {tuned_run['policy_id']}")
     elif stage is Stage.TRAIN:
         trained = s.train.model_copy(update={"output": default_run_dir(round_id, s.artifacts)})
         summary_ = train(ws, round_id, trained, progress)

@@ -23,11 +23,12 @@ def start_round(
     tag: str | None = None,
     seed: int = 0,
     actor: str | None = None,
+    kind: str = "rl",
 ) -> StartedRound:
     """Create a round over the train prompts (those tagged `tag`, if given) for `constitution`
     (NAME or NAME@VERSION) and `policy` (the embedded model, a directory or a hub id). Nothing is
     stored when the constitution is unknown or there is no prompt to sample. `actor`: who asked
-    (the action log)."""
+    (the action log). `kind`: 'rl' (the preference stages) or 'sl' (revision chains, then SFT)."""
     from cai.constitution import parse_ref
     from cai.registry import resolve_model
     from cai.store import repo
@@ -42,7 +43,9 @@ def start_round(
             raise BadInput(f"no {which} in the store; import some first: cai prompts import FILE")
         policy_record = repo.ensure_policy(session, model.name, model.location)
         config = {"split": "train", "tag": tag, "seed": seed, "policy_kind": model.kind}
-        created = repo.create_round(session, stored.record, policy_record, config)
+        if kind not in ("rl", "sl"):
+            raise BadInput(f"kind: {kind!r} is not one of rl, sl")
+        created = repo.create_round(session, stored.record, policy_record, config, kind=kind)
         if actor is not None:
             from cai.store.actions import record
 

@@ -14,12 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cai.backends import SAMPLER_BACKENDS
 from cai.registry import EMBEDDED_MODEL
+from cai.sft import SftConfig
 from cai.train import TrainConfig
 
 if TYPE_CHECKING:
     from cai.backends.base import SamplingParams
     from cai.export import ExportFilters
     from cai.judging import JudgeOptions
+    from cai.sft_export import SftFilters
 
 
 def option(default: Any, *flags: str, help: str = "", envvar: str | None = None, **bounds: Any) -> Any:
@@ -100,6 +102,45 @@ class GenerateSettings(SamplingSettings):
         2, "--samples", "-n", ge=2, help="Responses per prompt; all distinct pairs are formed."
     )
     limit: int | None = option(None, "--limit", ge=1, help="Only the first K prompts of the round.")
+
+
+class ReviseSettings(SamplingSettings):
+    """`cai revise`: critique-revision chains on an SL round. The sampling options are the first
+    answer's (from the round's policy) and the critiques' and revisions'."""
+
+    revisions: int = option(
+        2,
+        "--revisions",
+        "-n",
+        ge=1,
+        le=16,
+        help="Critique-revision passes per prompt, each under a principle drawn by weight.",
+    )
+    reviser_model: str | None = option(
+        None,
+        "--reviser-model",
+        help="Who critiques and revises (default: the round's policy, as in the paper): a model "
+        "directory, a registry name, or a model name on --reviser-base-url.",
+    )
+    reviser_base_url: str | None = option(
+        None, "--reviser-base-url", help="OpenAI-compatible server for --reviser-model."
+    )
+    critique_max_tokens: int = option(
+        128,
+        "--critique-max-tokens",
+        ge=8,
+        help="Length limit of each critique (revisions: --max-new-tokens).",
+    )
+    limit: int | None = option(None, "--limit", ge=1, help="Only the first K prompts of the round.")
+    retry_failed: bool = option(
+        False, "--retry-failed", help="Try again the steps whose revision was empty or unchanged."
+    )
+
+    @model_validator(mode="after")
+    def _model_for_server(self) -> ReviseSettings:
+        if self.reviser_base_url and not self.reviser_model:
+            raise ValueError("`reviser_model` is required with `reviser_base_url`")
+        return self
 
 
 def parse_band(text: str) -> tuple[float, float]:
@@ -302,8 +343,14 @@ class EvalSettings(SamplingSettings, JudgeEndpoint, JudgeScope):
 
 
 class ExportSettings(Settings):
-    """`cai export`: a round's labels as a snapshot directory."""
+    """`cai export`: a round's labels (or an SL round's revision chains) as a snapshot directory."""
 
+    kind: str = option(
+        "dpo",
+        "--kind",
+        help="dpo: preference pairs (prompt/chosen/rejected) from an RL round's labels; sft: an SL "
+        "round's final revisions as `messages` (cai sft).",
+    )
     out: Path | None = option(None, "--out", help="Snapshot directory (default: snapshots/round-ID).")
     min_confidence: float | None = option(
         None, "--min-confidence", ge=0.0, le=1.0, help="Drop judge labels less sure than this."
@@ -317,7 +364,29 @@ class ExportSettings(Settings):
         help="Keep as many pairs whose chosen answer is longer as pairs where it is shorter (a seeded "
         "draw from the larger side), so DPO cannot learn length for quality.",
     )
+    min_chain_length: int = option(
+        1, "--min-chain-length", ge=1, help="sft: leave out chains with fewer revisions done."
+    )
     overwrite: bool = option(False, "--overwrite", help="Replace a different snapshot already at --out.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        return one_of(value, ("dpo", "sft"))
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> ExportSettings:
+        dpo_only = {"min_confidence": None, "length_balance": False}
+        if self.kind == "sft" and (given := [k for k, v in dpo_only.items() if getattr(self, k) != v]):
+            raise ValueError(f"`{given[0]}` applies to preference snapshots (kind dpo), not sft")
+        if self.kind == "dpo" and self.min_chain_length != 1:
+            raise ValueError("`min_chain_length` applies to SFT snapshots (kind sft)")
+        return self
+
+    def sft_filters(self) -> SftFilters:
+        from cai.sft_export import SftFilters
+
+        return SftFilters(self.min_chain_length, self.principle, self.eval_fraction, self.seed)
 
     def filters(self) -> ExportFilters:
         from cai.export import ExportFilters
@@ -372,6 +441,39 @@ TRAIN_HELP = {
 }
 
 
+class SftSettings(Settings):
+    """`cai sft`: SFT on an SL round's snapshot (its final revisions). `sft` is complete (a config
+    file and the flags are merged into it before a stage or job sees it)."""
+
+    snapshot: Path | None = option(
+        None, "--snapshot", help="SFT snapshot directory (default: the round's latest export)."
+    )
+    output: Path | None = option(
+        None, "--output", help="Checkpoints and final model (default: runs/round-ID)."
+    )
+    sft: SftConfig = Field(default_factory=SftConfig)
+
+
+SFT_FLAGS: dict[str, tuple[str, ...]] = {
+    # SftConfig field -> `cai sft` flag(s). Unset flags leave the config file's value.
+    "max_steps": ("--max-steps",),
+    "num_train_epochs": ("--epochs",),
+    "learning_rate": ("--lr",),
+    "per_device_train_batch_size": ("--batch-size",),
+    "gradient_accumulation_steps": ("--grad-accum",),
+    "max_length": ("--max-length",),
+    "completion_only_loss": ("--completion-only-loss/--full-loss",),
+    "lora_r": ("--lora-r",),
+    "report_to_tensorboard": ("--tensorboard/--no-tensorboard",),
+}
+SFT_HELP = {
+    "max_steps": "Stop after N optimizer steps (overrides epochs).",
+    "completion_only_loss": "Loss on the final revision only (the default), or on the whole conversation.",
+    "lora_r": "Train LoRA adapters of this rank (needs peft).",
+    "report_to_tensorboard": "Also log to TensorBoard.",
+}
+
+
 class LoopSettings(Settings):
     """`cai loop` (and `cai demo`): every stage's settings for each round of the chain."""
 
@@ -380,7 +482,23 @@ class LoopSettings(Settings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    revise: ReviseSettings = Field(default_factory=ReviseSettings)
+    sft_export: ExportSettings = Field(default_factory=lambda: ExportSettings(kind="sft"))
+    sft: SftSettings = Field(default_factory=SftSettings)
+    sl_first: bool = option(
+        False,
+        "--sl-first",
+        help="Begin the chain with a supervised (SL-CAI) round: critique-revision chains, then SFT on "
+        "the revisions; the RL rounds start from that model. Needs a first round not started yet.",
+    )
     artifacts: Path = option(Path("."), "--artifacts", help="Where snapshots/round-ID and runs/round-ID go.")
+
+    @field_validator("sft_export")
+    @classmethod
+    def _sft_kind(cls, value: ExportSettings) -> ExportSettings:
+        if value.kind != "sft":
+            raise ValueError("`sft_export` must be of kind sft")
+        return value
 
     @classmethod
     def compose(
@@ -393,9 +511,13 @@ class LoopSettings(Settings):
         export: ExportSettings | None = None,
         train: TrainSettings | None = None,
         artifacts: Path = Path("."),
+        revise: ReviseSettings | None = None,
+        sft: SftSettings | None = None,
+        sl_first: bool = False,
     ) -> LoopSettings:
         """The eval samples and judges as the round does: its sampling and judge settings are
-        taken from `generate` and `judge`."""
+        taken from `generate` and `judge`; so does an SL round's first answers and revisions
+        (sampling, and the prompt limit), with `revise`'s own options."""
         shared = generate.model_dump(include=set(SamplingSettings.model_fields)) | judge.model_dump(
             include=set(JudgeEndpoint.model_fields) | set(JudgeScope.model_fields)
         )
@@ -405,6 +527,15 @@ class LoopSettings(Settings):
             export=export or ExportSettings(),
             train=train or TrainSettings(),
             eval=EvalSettings(**shared, samples=eval_samples, limit=eval_limit),
+            revise=ReviseSettings(
+                **(revise or ReviseSettings()).model_dump(
+                    exclude=set(SamplingSettings.model_fields) | {"limit"}
+                ),
+                **generate.model_dump(include=set(SamplingSettings.model_fields)),
+                limit=generate.limit,
+            ),
+            sft=sft or SftSettings(),
+            sl_first=sl_first,
             artifacts=artifacts,
         )
 
@@ -424,5 +555,7 @@ STAGE_SETTINGS: dict[str, type[Settings]] = {
     "eval": EvalSettings,
     "calibrate": CalibrateSettings,
     "loop": LoopJob,
+    "revise": ReviseSettings,
+    "sft": SftSettings,
 }
 """Job kind -> the settings class its JSON must validate against."""

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 class RoundStatus(StrEnum):
     CREATED = "created"
+    REVISING = "revising"
+    REVISED = "revised"
     GENERATING = "generating"
     GENERATED = "generated"
     JUDGING = "judging"
@@ -40,6 +42,9 @@ class Stage(StrEnum):
     EXPORT = "export"
     TRAIN = "train"
     EVAL = "eval"
+    REVISE = "revise"
+    SFT_EXPORT = "sft-export"
+    SFT = "sft"
 
 
 class Event(StrEnum):
@@ -48,8 +53,11 @@ class Event(StrEnum):
     FAIL = "fail"
 
 
-STEPS: tuple[Stage, ...] = tuple(Stage)
-"""A round's stages in the order the loop runs them."""
+STEPS: tuple[Stage, ...] = (Stage.GENERATE, Stage.JUDGE, Stage.EXPORT, Stage.TRAIN, Stage.EVAL)
+"""A preference ('rl') round's stages in the order the loop runs them."""
+SL_STEPS: tuple[Stage, ...] = (Stage.REVISE, Stage.SFT_EXPORT, Stage.SFT)
+"""A supervised ('sl') round's stages: critique-revision chains, their SFT snapshot, SFT."""
+STEPS_OF_KIND = {"rl": STEPS, "sl": SL_STEPS}
 
 S = RoundStatus
 STAGE_STATUSES: dict[Stage, tuple[RoundStatus, RoundStatus, RoundStatus]] = {
@@ -60,9 +68,17 @@ STAGE_STATUSES: dict[Stage, tuple[RoundStatus, RoundStatus, RoundStatus]] = {
     Stage.EXPORT: (S.JUDGED, S.JUDGED, S.EXPORTED),
     Stage.TRAIN: (S.EXPORTED, S.TRAINING, S.TRAINED),
     Stage.EVAL: (S.TRAINED, S.EVALUATING, S.DONE),
+    Stage.REVISE: (S.CREATED, S.REVISING, S.REVISED),
+    Stage.SFT_EXPORT: (S.REVISED, S.REVISED, S.EXPORTED),
+    # An SL round ends when its SFT model is registered: there is no eval stage of its own (the
+    # RL rounds that start from that model evaluate against it).
+    Stage.SFT: (S.EXPORTED, S.TRAINING, S.DONE),
 }
+NO_RUNNING_STATUS = (Stage.EXPORT, Stage.SFT_EXPORT)
 PROGRESS_ORDER = (
     S.CREATED,
+    S.REVISING,
+    S.REVISED,
     S.GENERATING,
     S.GENERATED,
     S.JUDGING,
@@ -75,6 +91,7 @@ PROGRESS_ORDER = (
 )
 RANK = {status: rank for rank, status in enumerate(PROGRESS_ORDER)}
 FINISHED_BY = {stage: done for stage, (_, _, done) in STAGE_STATUSES.items()}
+KIND_NAMES = {"rl": "preference (RL-CAI)", "sl": "supervised (SL-CAI)"}
 """The status a stage leaves when it completed; anything else means it stopped early."""
 
 
@@ -97,16 +114,17 @@ def transition(
     if event is Event.START:
         if current is RoundStatus.FAILED:
             return running
-        # Export has no running status of its own (its "running" is the `judged` it starts from).
-        return None if stage is Stage.EXPORT or effective is running else running
+        # Export has no running status of its own (its "running" is the status it starts from).
+        return None if stage in NO_RUNNING_STATUS or effective is running else running
     if event is Event.FINISH:
         return done if effective is running else None
     return RoundStatus.FAILED
 
 
-def steps_left(status: str, failed_step: str | None = None) -> list[Stage]:
-    """The stages still to run for a round in `status`, in order (a failed round resumes at the
-    stage that failed)."""
+def steps_left(status: str, failed_step: str | None = None, kind: str = "rl") -> list[Stage]:
+    """The stages still to run for a round of `kind` in `status`, in order (a failed round
+    resumes at the stage that failed)."""
+    steps = STEPS_OF_KIND[kind]
     try:
         current = RoundStatus(status)
     except ValueError:
@@ -114,17 +132,27 @@ def steps_left(status: str, failed_step: str | None = None) -> list[Stage]:
     if current is RoundStatus.DONE:
         return []
     if current is RoundStatus.FAILED:
-        first = Stage(failed_step) if failed_step else Stage.GENERATE
+        first = Stage(failed_step) if failed_step else steps[0]
     else:
-        first = next(s for s in STEPS if RANK[current] <= RANK[STAGE_STATUSES[s][1]])
-    return list(STEPS[STEPS.index(first) :])
+        first = next(s for s in steps if RANK[current] <= RANK[STAGE_STATUSES[s][1]])
+    return list(steps[steps.index(first) :])
+
+
+def check_kind(kind: str, stage: Stage, round_id: int) -> None:
+    """Refuse a stage that is not one of the round kind's (sampling pairs on an SL round, say)."""
+    if stage not in STEPS_OF_KIND[kind]:
+        names = {"rl": "generate, judge, export, train, eval", "sl": "revise, export --kind sft, sft"}
+        raise BadInput(
+            f"round {round_id} is a {KIND_NAMES[kind]} round: its stages are {names[kind]}, not {stage}"
+        )
 
 
 def advance(session: Session, round_id: int, stage: Stage, event: Event, error: str | None = None) -> str:
     """Apply `event` of `stage` to the stored round (under the round's lock); returns its status.
     Failing records the stage and `error`; leaving `failed` clears them."""
     repo.lock_round(session, round_id)
-    current, failed_step = repo.round_status(session, round_id)
+    current, failed_step, kind = repo.round_status(session, round_id)
+    check_kind(kind, stage, round_id)
     status = RoundStatus(current)
     new = transition(status, stage, event, Stage(failed_step) if failed_step else None)
     if new is None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cai.errors import BadInput
 from cai.stages.progress import Progress, Silent, Stopped, check
 from cai.stages.settings import TrainSettings
-from cai.stages.status import Event, Stage, advance, failure_recorded
+from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
 from cai.store import repo, training
 from cai.workspace import Workspace
 
@@ -38,7 +38,7 @@ def run_train(
     summary; the others return `{"worker_rank": True, ...}`). A killed or stopped run resumes
     from its last complete checkpoint when run again; one a kill cut short is moved aside."""
     from cai.backends import policy_location
-    from cai.export import load_manifest, manifest_sha256
+    from cai.export import FORMAT, load_manifest, manifest_sha256
     from cai.train import is_main_process, last_complete_checkpoint, set_aside_incomplete_checkpoints
 
     progress = progress or Silent()
@@ -46,13 +46,14 @@ def run_train(
     main_process = is_main_process()
     with ws.session() as session:
         round_ = repo.get_round(session, round_id)
+        check_kind(round_.kind, Stage.TRAIN, round_id)
         policy = repo.get_policy(session, round_.policy)
         # Complete and unaltered, or refused before any run is recorded.
         if settings.snapshot is not None:
             snapshot_dir = settings.snapshot
-            load_manifest(snapshot_dir)
+            load_manifest(snapshot_dir, FORMAT)
         else:
-            snapshot_dir = _recorded_snapshot(session, round_id)
+            snapshot_dir = recorded_snapshot(session, round_id, FORMAT)
         digest = manifest_sha256(snapshot_dir)
         snapshot_row = training.snapshot_by_manifest(session, digest)
         if snapshot_row is None:
@@ -130,15 +131,15 @@ def run_train(
     }
 
 
-def _recorded_snapshot(session: Session, round_id: int) -> Path:
+def recorded_snapshot(session: Session, round_id: int, expected_format: str) -> Path:
     """Where the round's latest snapshot was last exported, refused with what to do when that
-    directory no longer holds it (moved or deleted since)."""
+    directory no longer holds it (moved or deleted since) or holds another kind of snapshot."""
     from cai.export import load_manifest
 
     recorded = training.latest_snapshot(session, round_id)
     path = Path(recorded.path)
     try:
-        load_manifest(path)
+        load_manifest(path, expected_format)
     except BadInput as exc:
         raise BadInput(
             f"round {round_id}: snapshot {recorded.id} was last exported to {path}, which no longer "

@@ -35,6 +35,8 @@ NAMING_CONVENTION = {
 SHA256 = String(64)
 ROUND_STATUSES = (
     "created",
+    "revising",
+    "revised",
     "generating",
     "generated",
     "judging",
@@ -46,7 +48,10 @@ ROUND_STATUSES = (
     "done",
     "failed",
 )
-JOB_KINDS = ("generate", "judge", "export", "train", "eval", "calibrate", "loop")
+JOB_KINDS = ("generate", "judge", "export", "train", "eval", "calibrate", "loop", "revise", "sft")
+ROUND_KINDS = ("rl", "sl")
+"""'rl': the preference loop (generate, judge, export, DPO, eval). 'sl': the supervised stage of
+Constitutional AI (critique-revision chains, an SFT snapshot, SFT)."""
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -151,6 +156,7 @@ class RoundRow(Created, Base):
     __tablename__ = "rounds"
     __table_args__ = (
         CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in ROUND_STATUSES) + ")", name="status"),
+        CheckConstraint("kind IN (" + ", ".join(f"'{k}'" for k in ROUND_KINDS) + ")", name="kind"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -159,6 +165,8 @@ class RoundRow(Created, Base):
     """The policy this round samples from (p_r)."""
     parent_round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
     status: Mapped[str] = mapped_column(String(16), default="created")
+    kind: Mapped[str] = mapped_column(String(8), default="rl", server_default="rl")
+    """'rl' (the preference stages) or 'sl' (revision chains and SFT): see ROUND_KINDS."""
     config: Mapped[dict[str, Any]]
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
     error: Mapped[str | None] = mapped_column(Text)
@@ -178,7 +186,8 @@ class ResponseRow(Created, Base):
     sample_index: Mapped[int]
     """0..N-1 for sampled responses; revisions get their own indices."""
     origin: Mapped[str] = mapped_column(String(16), default="sample")
-    """'sample', or 'revision' when a judge rewrote another response."""
+    """'sample', 'eval', 'chain' (the answer a revision chain starts from) or 'revision' (a
+    rewrite of `revised_from_id`, by a judge in revise mode or by a chain's reviser)."""
     revised_from_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id"))
     text: Mapped[str] = mapped_column(Text)
     sampling: Mapped[dict[str, Any]]
@@ -326,6 +335,9 @@ class TrainingRunRow(Created, Base):
     output_policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"))
     status: Mapped[str] = mapped_column(String(16), default="running")
     output_dir: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(8), default="dpo", server_default="dpo")
+    """'dpo' (preference pairs) or 'sft' (revisions): an SFT run's policy is what the RL rounds
+    of its lineage start from, and what `--reference sft` means."""
     config: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any] | None]
     """Final metrics; per-step values are in training_steps."""
@@ -440,6 +452,42 @@ class GenerationItemRow(Base):
 
 ROLES = ("viewer", "annotator", "operator", "admin")
 """API roles, each allowed what the ones before it are (cai.auth.Role)."""
+
+
+class RevisionStepRow(Created, Base):
+    """One step of a critique-revision chain (SL-CAI): the chain's current answer for a prompt is
+    critiqued under a principle drawn by weight, then revised. Step k revises step k-1's revision
+    (step 1 the chain's first answer). Claimable like generation items; a step is done once its
+    revision is stored, so a rerun resumes at the first step not done and never redoes one."""
+
+    __tablename__ = "revision_steps"
+    __table_args__ = (
+        UniqueConstraint("round_id", "prompt_id", "step"),
+        CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
+        CheckConstraint("step >= 1", name="step"),
+        Index("ix_revision_steps_round_status", "round_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    step: Mapped[int]
+    principle_id: Mapped[int] = mapped_column(ForeignKey("principles.id"))
+    seed: Mapped[int]
+    status: Mapped[str] = mapped_column(String(8), default="pending")
+    source_response_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id"))
+    """The answer this step revised (set when it is done)."""
+    revision_response_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id"))
+    critique: Mapped[str | None] = mapped_column(Text)
+    reviser_model: Mapped[str | None] = mapped_column(Text)
+    """Who critiqued and revised: the round's policy by default, or a configured model."""
+    template_sha256: Mapped[str | None] = mapped_column(SHA256)
+    """Hash over the critique and revision turn templates used."""
+    error: Mapped[str | None] = mapped_column(Text)
+    """Why a failed step failed (an empty or unchanged revision), with the raw output."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class ApiTokenRow(Created, Base):

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
+from cai.errors import BadInput
 from cai.labelling import flip_rate
 from cai.store import repo
 from cai.store.evaluation import contest, latest_evaluation
@@ -17,6 +18,7 @@ from cai.store.models import (
     JudgmentRow,
     LabelRow,
     PairRow,
+    ResponseRow,
     RoundRow,
     SnapshotRow,
     TrainingRunRow,
@@ -39,6 +41,45 @@ def next_round(session: Session, round_id: int) -> int | None:
     )
 
 
+def supervised_round_before(session: Session, round_id: int) -> int:
+    """The SL round that precedes preference round `round_id` (`cai loop --sl-first`): the one it
+    already continues, or a new one over the same constitution, policy and prompts, which the
+    round is then made to continue. Only a round that has not started can be given one: its
+    policy is replaced by the SFT model when the SL round finishes."""
+    current = repo.get_round(session, round_id)
+    if current.parent_round_id is not None:
+        parent = repo.get_round(session, current.parent_round_id)
+        if parent.kind == "sl":
+            return parent.id
+    if current.parent_round_id is not None or not _unstarted(session, round_id):
+        raise BadInput(
+            f"round {round_id} has started (or continues round {current.parent_round_id}), so no SL round "
+            "can precede it; start a fresh round for --sl-first, or an SL round itself (cai round start --sl)"
+        )
+    name, version = current.constitution.split("@")
+    constitution = repo.get_constitution(session, name, int(version)).record
+    policy = repo.get_policy(session, current.policy)
+    supervised = repo.create_round(session, constitution, policy, current.config, kind="sl").id
+    session.execute(update(RoundRow).where(RoundRow.id == round_id).values(parent_round_id=supervised))
+    return supervised
+
+
+def follow_trained_policy(session: Session, round_id: int, previous_id: int) -> None:
+    """Point a round made before its predecessor trained (by --sl-first) at that trained policy,
+    while it has not started; a started round keeps the policy it sampled from."""
+    trained = contest(session, previous_id).candidate
+    current = repo.get_round(session, round_id)
+    if current.policy_id != trained.id and _unstarted(session, round_id):
+        session.execute(update(RoundRow).where(RoundRow.id == round_id).values(policy_id=trained.id))
+
+
+def _unstarted(session: Session, round_id: int) -> bool:
+    """Nothing sampled for the round yet, and its status still `created`."""
+    status = repo.round_status(session, round_id)[0]
+    responses = session.scalar(select(func.count()).where(ResponseRow.round_id == round_id))
+    return status == "created" and not responses
+
+
 def start_next_round(session: Session, round_id: int) -> int:
     """Start the round after `round_id`: same constitution and prompts, its trained policy, the
     next seed (fresh samples)."""
@@ -48,13 +89,15 @@ def start_next_round(session: Session, round_id: int) -> int:
     constitution = repo.get_constitution(session, name, int(version)).record
     policy = repo.get_policy(session, trained.name)
     config = current.config | {"seed": int(current.config.get("seed", 0)) + 1}
-    return repo.create_round(session, constitution, policy, config, parent_round_id=round_id).id
+    # Always a preference round: an SL round is run once, at the start of a chain.
+    return repo.create_round(session, constitution, policy, config, parent_round_id=round_id, kind="rl").id
 
 
 @dataclass(frozen=True)
 class RoundSummary:
     round_id: int
     status: str
+    kind: str
     policy: str
     pairs: int
     labels: int
@@ -101,6 +144,7 @@ def round_summary(session: Session, round_id: int) -> RoundSummary:
     return RoundSummary(
         round_id=round_id,
         status=round_.status,
+        kind=round_.kind,
         policy=round_.policy,
         pairs=count(select(func.count()).select_from(pair_ids.subquery())),
         labels=count(select(func.count()).select_from(labels)),

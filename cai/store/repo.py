@@ -374,6 +374,8 @@ class RoundRecord:
     error: str | None = None
     """Why the round failed (status `failed`), with the stage that failed."""
     failed_step: str | None = None
+    kind: str = "rl"
+    """'rl' (preference stages) or 'sl' (revision chains and SFT)."""
 
 
 def create_round(
@@ -382,12 +384,14 @@ def create_round(
     policy: PolicyRecord,
     config: dict[str, Any],
     parent_round_id: int | None = None,
+    kind: str = "rl",
 ) -> RoundRecord:
     row = RoundRow(
         constitution_id=constitution.id,
         policy_id=policy.id,
         parent_round_id=parent_round_id,
         status="created",
+        kind=kind,
         config=config,
     )
     session.add(row)
@@ -419,17 +423,18 @@ def get_round(session: Session, round_id: int) -> RoundRecord:
         row.policy_id,
         row.error,
         row.failed_step,
+        row.kind,
     )
 
 
-def round_status(session: Session, round_id: int) -> tuple[str, str | None]:
-    """(status, failed stage) of a round."""
+def round_status(session: Session, round_id: int) -> tuple[str, str | None, str]:
+    """(status, failed stage, kind) of a round."""
     found = session.execute(
-        select(RoundRow.status, RoundRow.failed_step).where(RoundRow.id == round_id)
+        select(RoundRow.status, RoundRow.failed_step, RoundRow.kind).where(RoundRow.id == round_id)
     ).first()
     if found is None:
         raise NotFound(f"round {round_id} not found")
-    return found[0], found[1]
+    return found[0], found[1], found[2]
 
 
 def set_round_status(

@@ -37,11 +37,23 @@ def snapshot_by_manifest(session: Session, manifest_sha256: str) -> SnapshotReco
 
 
 def root_policy(session: Session, policy_id: int) -> PolicyRow:
-    """The policy's first ancestor: the SFT model the loop started from."""
+    """The SFT model the policy's lineage started from: the nearest ancestor (or the policy
+    itself) that an SFT run trained (`cai sft`), else the lineage's first policy."""
     row = session.get_one(PolicyRow, policy_id)
-    while row.parent_id is not None:
+    while row.parent_id is not None and not _trained_by_sft(session, row.id):
         row = session.get_one(PolicyRow, row.parent_id)
     return row
+
+
+def _trained_by_sft(session: Session, policy_id: int) -> bool:
+    return (
+        session.scalar(
+            select(TrainingRunRow.id)
+            .where(TrainingRunRow.output_policy_id == policy_id, TrainingRunRow.method == "sft")
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def config_key(round_id: int, snapshot_id: int, reference_policy_id: int, config: dict[str, Any]) -> str:
@@ -56,14 +68,17 @@ def start_or_resume_run(
     reference_policy_id: int,
     config: dict[str, Any],
     output_dir: str,
+    method: str = "dpo",
 ) -> tuple[int, bool]:
-    """(training run id, resumed): an unfinished run with the same inputs is continued, not redone."""
+    """(training run id, resumed): an unfinished run with the same inputs is continued, not redone.
+    `method`: 'dpo' or 'sft'."""
     row = session.scalar(
         select(TrainingRunRow).where(
             TrainingRunRow.round_id == round_id,
             TrainingRunRow.snapshot_id == snapshot_id,
             TrainingRunRow.reference_policy_id == reference_policy_id,
             TrainingRunRow.output_dir == output_dir,
+            TrainingRunRow.method == method,
             TrainingRunRow.status != "done",
         )
     )
@@ -76,6 +91,7 @@ def start_or_resume_run(
         reference_policy_id=reference_policy_id,
         status="running",
         output_dir=output_dir,
+        method=method,
         config=config,
     )
     session.add(row)

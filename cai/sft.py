@@ -1,0 +1,153 @@
+"""The supervised stage's training: TRL's SFTTrainer on an SFT snapshot (cai.sft_export), writing a
+model directory. Checkpoints, resume, the final save and LoRA work as for DPO (cai.train)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.allocator import freed_memory_kept
+from cai.errors import BadInput
+from cai.train import (
+    OnLog,
+    TrainResult,
+    check_optional_dependencies,
+    config_from_file,
+    cpu_has_native_bf16,
+    is_main_process,
+    last_complete_checkpoint,
+    load_snapshot,
+    log_forwarder,
+    lora_config,
+    save_final,
+    set_aside_incomplete_checkpoints,
+)
+
+
+class SftConfig(BaseModel):
+    """SFT settings. The defaults are for a short CPU run on a small model: a few dozen revisions
+    move a 135M policy at 1e-5 without undoing its instruction tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(default=1e-5, gt=0)
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int | None = Field(default=1024, ge=16)
+    # Loss on the revision only, as the paper fine-tunes on revisions: the prompt (red-team
+    # requests among them) and earlier turns are context, not targets.
+    completion_only_loss: bool = True
+    lora_r: int | None = Field(default=None, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    seed: int = 0
+    logging_steps: int = Field(default=1, ge=1)
+    save_steps: int = Field(default=50, ge=1)
+    report_to_tensorboard: bool = False
+    bf16: bool | None = None  # as TrainConfig.bf16: None picks bf16 where it is native
+
+
+def load_sft_config(path: Path | None = None, **overrides: Any) -> SftConfig:
+    """An SftConfig from a YAML or JSON file, with the `overrides` that are not None on top."""
+    return config_from_file(SftConfig, path, "sft config", overrides)
+
+
+def as_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
+    """A `messages` row as TRL's conversational prompt-completion: every turn but the last is the
+    prompt, the last (the final revision) the completion, so that the loss can skip the prompt."""
+    messages = example["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def sft_args(config: SftConfig, output_dir: Path, *, gpu: bool) -> Any:
+    from trl import SFTConfig
+
+    fields = SFTConfig.__dataclass_fields__
+    # As in cai.train.dpo_args: transformers 5 renamed the option, and on a CPU recomputing
+    # activations only costs time.
+    renamed = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return SFTConfig(
+        **{renamed: False},
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        completion_only_loss=config.completion_only_loss,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        eval_strategy="no",  # the eval split is scored once, after training
+        dataloader_num_workers=0,
+        optim="adamw_torch_fused",
+        report_to=["tensorboard"] if config.report_to_tensorboard else "none",
+        use_cpu=not gpu,
+        bf16=config.bf16 if config.bf16 is not None else gpu or cpu_has_native_bf16(),
+    )
+
+
+def train_sft(
+    snapshot_dir: Path,
+    policy_dir: Path,
+    output_dir: Path,
+    config: SftConfig,
+    on_log: OnLog | None = None,
+) -> TrainResult:
+    """Fine-tune `policy_dir` on the SFT snapshot's train split (its eval split, if any, is scored
+    after training). A rerun resumes from the newest complete checkpoint under `output_dir`; the
+    final model and tokenizer land in `output_dir/final`."""
+    from cai.sft_export import SFT_FORMAT
+
+    snapshot_dir, policy_dir, output_dir = Path(snapshot_dir), Path(policy_dir), Path(output_dir)
+    check_optional_dependencies(config)
+    splits = load_snapshot(snapshot_dir, cache_dir=output_dir / "cache", expected_format=SFT_FORMAT)
+    splits = {
+        name: split.map(as_prompt_completion, remove_columns=split.column_names)
+        for name, split in splits.items()
+    }
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    gpu = torch.cuda.is_available()
+    args = sft_args(config, output_dir, gpu=gpu)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if not tokenizer.chat_template:
+        raise BadInput(f"{policy_dir}: the tokenizer has no chat template; SFT on chat data needs one")
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.bfloat16 if gpu else torch.float32)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        set_aside_incomplete_checkpoints(output_dir)
+    last = last_complete_checkpoint(output_dir)
+    with contextlib.nullcontext() if gpu else freed_memory_kept():
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=splits["train"],
+            eval_dataset=splits.get("eval"),
+            processing_class=tokenizer,
+            callbacks=[log_forwarder(on_log)] if on_log else None,
+            peft_config=lora_config(config),
+        )
+        if on_log is not None:
+            from transformers import PrinterCallback, ProgressCallback
+
+            trainer.remove_callback(ProgressCallback)
+            trainer.remove_callback(PrinterCallback)
+        summary = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
+        if "eval" in splits:
+            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
+        final = save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
+    return TrainResult(metrics=metrics, steps=trainer.state.global_step, model_dir=final, resumed_from=last)
