@@ -6,7 +6,9 @@ model that answered can critique and revise itself. Rendering and parsing only; 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from cai.constitution import Constitution, Principle
 from cai.labelling import same_answer, sampled_principle
@@ -68,12 +70,31 @@ class UnusableRevision(ValueError):
     """A revision that cannot continue the chain: empty, or the answer unchanged."""
 
 
+ANNOUNCEMENT = re.compile(
+    r"^(?:here(?:'s| is)|sure[,!.]?\s*here(?:'s| is)|revised (?:response|answer))[^\n]{0,80}:[ \t]*\n+",
+    re.IGNORECASE,
+)
+"""A first line that only announces the revision ("Here's the revised response:"): small models
+write one despite the request, and it is not part of the answer a user would get."""
+
+
 def check_revision(revision: str, answer: str) -> str:
-    """The revision, stripped; UnusableRevision when it is empty or says the same as `answer`
-    (whitespace aside, as pairing compares answers)."""
-    text = revision.strip()
+    """The revision, stripped (of an announcing first line, too); UnusableRevision when it is
+    empty or says the same as `answer` (whitespace aside, as pairing compares answers)."""
+    text = ANNOUNCEMENT.sub("", revision.strip(), count=1).strip()
     if not text:
         raise UnusableRevision("the revision is empty")
     if same_answer(text) == same_answer(answer):
         raise UnusableRevision("the revision repeats the answer unchanged")
     return text
+
+
+def revision_effect(constitution: Constitution, firsts: list[str], finals: list[str]) -> dict[str, Any]:
+    """What the chains changed: mean length and rule pass rates of the first answers against the
+    final revisions (the same measures `cai eval` reports for two policies)."""
+    from cai.evaluate import policy_metrics
+
+    return {
+        "before": policy_metrics(constitution, firsts, []),
+        "after": policy_metrics(constitution, finals, []),
+    }

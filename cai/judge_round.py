@@ -96,7 +96,10 @@ async def judge_round(
             await _phase(*run, pairwise, "revision")
     else:
         labelling = pairwise
-        await _phase(*run, pairwise, "sample")
+        with session_scope(engine) as session:
+            kind = repo.get_round(session, round_id).kind
+        # An SL round's pairs are its chains' (first answer, final revision).
+        await _phase(*run, pairwise, "revision" if kind == "sl" else "sample")
     with session_scope(engine) as session:
         result.summary = labels.judge_summary(session, round_id, judges.ensure_judge(session, labelling))
         constitution_id = repo.get_round(session, round_id).constitution_id

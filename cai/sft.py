@@ -71,8 +71,9 @@ def sft_args(config: SftConfig, output_dir: Path, *, gpu: bool) -> Any:
     # As in cai.train.dpo_args: transformers 5 renamed the option, and on a CPU recomputing
     # activations only costs time.
     renamed = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    checkpointing: dict[str, Any] = {renamed: False}
     return SFTConfig(
-        **{renamed: False},
+        **checkpointing,
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,

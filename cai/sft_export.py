@@ -6,6 +6,7 @@ provenance, and `manifest.json` written last, as for preference snapshots (cai.e
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,26 +27,37 @@ class SftFilters:
     """Only chains with a step under this principle."""
     eval_fraction: float = 0.1
     seed: int = 0
+    judge_agrees: bool = False
+    """Only chains whose final revision the judge (or a human) preferred to the first answer."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "min_chain_length": self.min_chain_length,
             "principle": self.principle,
+            "judge_agrees": self.judge_agrees,
             "eval_fraction": self.eval_fraction,
             "seed": self.seed,
             "answer": "the chain's final revision",
         }
 
 
-def select_chains(chains: list[Chain], filters: SftFilters) -> tuple[list[Chain], dict[str, int]]:
-    """The chains the snapshot keeps, and how many were dropped for each reason."""
-    dropped = {"short_chain": 0, "other_principle": 0}
+def select_chains(
+    chains: list[Chain], filters: SftFilters, verdicts: Mapping[tuple[int, int], str]
+) -> tuple[list[Chain], dict[str, int]]:
+    """The chains the snapshot keeps, and how many were dropped for each reason. `verdicts`:
+    the label of each judged (first answer, final revision) pair, 'B' when the revision won."""
+    dropped = {"short_chain": 0, "other_principle": 0, "unjudged": 0, "judge_disagrees": 0}
     kept = []
     for chain in chains:
+        verdict = verdicts.get((chain.first_answer_id, chain.final_id))
         if len(chain.steps) < max(1, filters.min_chain_length):
             dropped["short_chain"] += 1
         elif filters.principle is not None and filters.principle not in {s.principle for s in chain.steps}:
             dropped["other_principle"] += 1
+        elif filters.judge_agrees and verdict is None:
+            dropped["unjudged"] += 1
+        elif filters.judge_agrees and verdict != "B":
+            dropped["judge_disagrees"] += 1
         else:
             kept.append(chain)
     return kept, dropped
@@ -57,11 +69,17 @@ def write_sft_snapshot(
     provenance: RoundProvenance,
     filters: SftFilters,
     revisers: list[dict[str, str | None]],
+    verdicts: Mapping[tuple[int, int], str],
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the SFT snapshot into `out` and return its manifest; the train/eval split is by
     prompt hash, as for preference snapshots. An identical snapshot there is left as it is."""
-    kept, dropped = select_chains(chains, filters)
+    if filters.judge_agrees and not verdicts:
+        raise BadInput(
+            f"judge_agrees: no chain of round {provenance.round_id} is judged yet: "
+            f"run cai judge --round {provenance.round_id} first"
+        )
+    kept, dropped = select_chains(chains, filters, verdicts)
     if not kept:
         reasons = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "no chains yet: run cai revise"
         raise BadInput(f"round {provenance.round_id}: no revision chain passes the filters ({reasons})")

@@ -320,3 +320,122 @@ def test_one_prompt_chain_end_to_end_on_the_embedded_model(cli: Cli, engine: Eng
         ]
         exported = json.loads(cli(*export, "--json").stdout)
         assert exported["counts"]["train"] == 1
+
+
+def test_the_judge_confirms_revisions_and_the_sft_export_keeps_those_it_preferred(
+    cli: Cli, engine: Engine, tmp_path: Path
+) -> None:
+    round_id = start_sl_round(cli, "fake/policy")
+    with fake.FakeOpenAI(sl_policy) as server:
+        sampling = ["--backend", "openai", "--base-url", server.base_url]
+        cli("revise", "--round", round_id, "--limit", 8, "--revisions", 1, *sampling)
+        export = ["export", "--round", round_id, "--kind", "sft", "--judge-agrees", "--eval-fraction", 0]
+        assert "no chain of round" in cli(*export, "--out", tmp_path / "early", expect=2).stderr
+        judge = [
+            "judge",
+            "--round",
+            round_id,
+            "--judge-base-url",
+            server.base_url,
+            "--judge-model",
+            "fake-judge",
+        ]
+        assert "judged pairwise" in cli(*judge, "--mode", "score", expect=2).stderr
+        summary = json.loads(cli(*judge, "--json").stdout)
+    with session_scope(engine) as session:
+        assert session.get_one(RoundRow, round_id).status == "revised"  # judging is optional here
+        firsts = dict(
+            session.execute(
+                select(ResponseRow.prompt_id, ResponseRow.text).where(ResponseRow.origin == "chain")
+            ).all()
+        )
+    # The loopback judge prefers answers saying GOOD: every revision does, half the first answers.
+    plain = sum("GOOD" not in text for text in firsts.values())
+    assert summary["pairs"] == 8 and summary["labeled"] == 8 and summary["ties"] == 8 - plain > 0
+    exported = json.loads(cli(*export, "--out", tmp_path / "s", "--json").stdout)
+    assert exported["counts"]["train"] == plain
+    assert exported["counts"]["dropped"]["judge_disagrees"] == 8 - plain
+    assert exported["filters"]["judge_agrees"] is True
+
+
+def test_revise_export_and_sft_run_as_jobs(
+    cli: Cli, engine: Engine, db_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from cai.config import load_settings
+    from cai.worker import Worker, WorkerOptions
+    from cai.workspace import Workspace
+
+    round_id = start_sl_round(cli, tiny_model_dir)
+    ws = Workspace(load_settings(database_url=db_url))
+    submitted = [
+        cli("revise", "--round", round_id, "--limit", 3, "--revisions", 1, *TINY, "--submit").stdout,
+        cli("export", "--round", round_id, "--kind", "sft", "--out", tmp_path / "s", "--submit").stdout,
+        cli(
+            "sft",
+            "--round",
+            round_id,
+            "--max-steps",
+            1,
+            "--batch-size",
+            2,
+            "--output",
+            tmp_path / "r",
+            "--submit",
+        ).stdout,
+    ]
+    try:
+        for kind in ("revise", "export", "sft"):
+            Worker(ws, WorkerOptions(kinds=(kind,), once=True, poll_s=0.05), say=lambda line: None).run()
+    finally:
+        ws.close()
+    jobs = [json.loads(cli("jobs", "show", int(job), "--json").stdout) for job in submitted]
+    assert [job["status"] for job in jobs] == ["succeeded"] * 3, [job.get("error") for job in jobs]
+    assert jobs[0]["result"]["steps_done"] + jobs[0]["result"]["steps_failed"] == 3
+    with session_scope(engine) as session:
+        assert session.get_one(RoundRow, round_id).status == "done"
+        assert session.scalars(select(TrainingRunRow.method)).one() == "sft"
+
+
+def test_a_reviser_server_that_keeps_failing_loses_and_duplicates_nothing(
+    cli: Cli, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cai.backends import openai_compat
+    from cai.backends.base import Retry
+
+    monkeypatch.setattr(openai_compat, "SAMPLER_RETRY", Retry(max_attempts=2, backoff_base=0.01))
+    round_id = start_sl_round(cli, "fake/policy")
+    failing = {"on": True}
+
+    def fault(request: dict[str, Any]) -> fake.Fault | None:
+        # The revision requests of every other prompt fail, on every try, while `failing`.
+        last, first = fake.prompt_text(request), request["messages"][0]["content"]
+        if failing["on"] and last.startswith("Revision request") and len(first) % 2:
+            return fake.status(503)
+        return None
+
+    with fake.FakeOpenAI(sl_policy, fault_for=fault) as server:
+        revise = ["revise", "--round", round_id, "--limit", 10, "--revisions", 2]
+        revise += ["--backend", "openai", "--base-url", server.base_url]
+        failed = cli(*revise, expect=1)
+        assert "got no critique or revision" in failed.stderr and "rerun to resume" in failed.stderr
+        with session_scope(engine) as session:
+            round_ = session.get_one(RoundRow, round_id)
+            assert (round_.status, round_.failed_step) == ("failed", "revise")
+        done_before = {
+            (s.prompt_id, s.step): s.revision_response_id
+            for s in steps(engine, round_id)
+            if s.status == "done"
+        }
+        assert 0 < len(done_before) < 20
+        failing["on"] = False
+        cli(*revise)
+    rows = steps(engine, round_id)
+    assert [r.status for r in rows] == ["done"] * 20
+    assert all(
+        done_before[(r.prompt_id, r.step)] == r.revision_response_id
+        for r in rows
+        if (r.prompt_id, r.step) in done_before
+    )
+    with session_scope(engine) as session:
+        revisions = session.scalar(select(func.count()).where(ResponseRow.origin == "revision"))
+        assert revisions == 20 and session.get_one(RoundRow, round_id).status == "revised"

@@ -60,6 +60,8 @@ class Validated(BaseModel):
 
 class Round(BaseModel):
     id: int
+    kind: Literal["rl", "sl"]
+    """'rl': the preference stages; 'sl': critique-revision chains and SFT (jobs revise, export, sft)."""
     status: str
     constitution: str
     policy: str
@@ -87,6 +89,8 @@ class RoundRequest(BaseModel):
     tag: str | None = None
     """Sample only the train prompts with this tag."""
     seed: int = Field(0, ge=0, le=MAX_ID)
+    kind: Literal["rl", "sl"] = "rl"
+    """'sl' starts a supervised (SL-CAI) round: critique-revision chains, then SFT."""
 
 
 def _constitution(record: Any) -> Constitution:
@@ -205,7 +209,9 @@ def create_round(
 ) -> Round:
     from cai.stages.rounds import start_round
 
-    started = start_round(ws, request.constitution, request.policy, request.tag, request.seed, actor.name)
+    started = start_round(
+        ws, request.constitution, request.policy, request.tag, request.seed, actor.name, kind=request.kind
+    )
     return Round.model_validate(started.round, from_attributes=True)
 
 

@@ -17,6 +17,7 @@ from cai.stages.settings import JudgeEndpoint
 
 if TYPE_CHECKING:
     from cai.store.progress import RoundSummary
+    from cai.workspace import Workspace
 
 DEMO_CONSTITUTION = ("constitutions", "concise-safe/v2.yaml")
 DEMO_PROMPTS = ("prompt_sets", "helpful-harmless.jsonl")
@@ -51,6 +52,16 @@ def demo(
     # rules reward brevity, and a 135M judge cannot object); one epoch moves it less, and sanely.
     epochs: float = typer.Option(1.0, "--epochs", min=0.1, help="DPO epochs over the round's pairs."),
     learning_rate: float = typer.Option(5e-4, "--lr", min=0.0, help="DPO learning rate (of LoRA adapters)."),
+    sl: bool = typer.Option(
+        False,
+        "--sl",
+        help="Run the supervised stage first (SL-CAI): the policy critiques and revises its own answers "
+        "to --sl-prompts prompts, is fine-tuned on the revisions, and the RL round starts from that "
+        "model. Prints what the revisions changed. Adds about 4 minutes.",
+    ),
+    sl_prompts: int = typer.Option(
+        24, "--sl-prompts", min=2, help="Prompts the SL stage revises (with --sl)."
+    ),
     judge_server: JudgeServer = typer.Option(
         JudgeServer.IN_PROCESS,
         "--judge-server",
@@ -68,14 +79,22 @@ def demo(
     SmolLM2-135M-Instruct, then generate, judge (rules in code, the embedded model for the
     judged principles), export, train LoRA adapters with DPO, and compare the trained policy with
     its parent on held-out prompts. About 8 minutes on 2 CPU cores, each stage's time shown at the
-    end. Rerun it to resume. With
+    end. Rerun it to resume. With --sl, the supervised stage of Constitutional AI runs first. With
     --judge-server llama.cpp the same embedded model judges from behind llama.cpp's server."""
     from cai.backends import llamacpp_server
     from cai.cli.loop import print_summaries
     from cai.errors import BadInput
     from cai.resources import data_dir
+    from cai.sft import SftConfig
     from cai.stages.loop import run_loop
-    from cai.stages.settings import GenerateSettings, JudgeSettings, LoopSettings, TrainSettings
+    from cai.stages.settings import (
+        GenerateSettings,
+        JudgeSettings,
+        LoopSettings,
+        ReviseSettings,
+        SftSettings,
+        TrainSettings,
+    )
     from cai.store import progress, repo
     from cai.train import TrainConfig
     from cai.workspace import Workspace
@@ -152,12 +171,71 @@ def demo(
                 )
             ),
             artifacts=directory,
+            # One critique-revision pass per prompt, then LoRA SFT on the revisions (--sl).
+            revise=ReviseSettings(revisions=1, critique_max_tokens=64, limit=sl_prompts),
+            sft=SftSettings(
+                sft=SftConfig(
+                    learning_rate=2e-4,
+                    per_device_train_batch_size=4,
+                    save_steps=10,
+                    lora_r=16,
+                    lora_alpha=32,
+                )
+            ),
+            sl_first=sl,
         )
         quiet_libraries()
         with RichProgress() as bars:
             summaries = run_loop(ws, rounds, first, loop_settings, bars)
     print_summaries(summaries, as_json=False)
+    for summary in summaries:
+        if summary.kind == "sl":
+            _explain_sl(ws, summary.round_id)
     _explain(summaries, directory, database, endpoint.judge_base_url is None)
+
+
+def _explain_sl(ws: Workspace, round_id: int) -> None:
+    """What the SL round's revisions changed, against the answers they revised, and one example."""
+    from cai.chains import revision_effect
+    from cai.store import chains, repo
+
+    with ws.session() as session:
+        round_ = repo.get_round(session, round_id)
+        name, version = round_.constitution.split("@")
+        constitution = repo.get_constitution(session, name, int(version)).constitution
+        revised = [c for c in chains.round_chains(session, round_id) if c.steps]
+    if not revised:
+        return
+    effect = revision_effect(constitution, [c.first_answer for c in revised], [c.final for c in revised])
+    before, after = effect["before"], effect["after"]
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    example = min(revised, key=lambda c: len(c.first_answer) + len(c.final))
+    out.print(
+        f"\nSL round {round_id}: {len(revised)} answers revised. Mean length {before['mean_words']:.1f} -> "
+        f"{after['mean_words']:.1f} words; all rules pass {rate(before['all_rules_pass_rate'])} -> "
+        f"{rate(after['all_rules_pass_rate'])}. The SFT model trained on the revisions is what the RL "
+        "round sampled from.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"One chain (principle {example.steps[-1].principle}):\n"
+        f"  prompt:   {_clip(example.conversation[-1]['content'])}\n"
+        f"  before:   {_clip(example.first_answer)}\n"
+        f"  critique: {_clip(example.steps[-1].critique)}\n"
+        f"  after:    {_clip(example.final)}",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _explain(summaries: list[RoundSummary], directory: Path, database: Path, embedded_judge: bool) -> None:

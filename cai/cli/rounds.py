@@ -66,12 +66,16 @@ def show(
 
     with transaction(ctx) as session:
         round_ = repo.get_round(session, round_id)
-        counts = repo.round_counts(session, round_id)
+        counts = asdict(repo.round_counts(session, round_id))
+        if round_.kind == "sl":
+            from cai.store.chains import step_counts
+
+            counts |= {f"revision steps {status}": n for status, n in step_counts(session, round_id).items()}
     if as_json:
-        print_json({**asdict(round_), "counts": asdict(counts)})
+        print_json({**asdict(round_), "counts": counts})
         return
     out.print(
-        f"[bold]round {round_.id}[/bold]  status [cyan]{round_.status}[/cyan]  "
+        f"[bold]{'SL ' if round_.kind == 'sl' else ''}round {round_.id}[/bold]  status [cyan]{round_.status}[/cyan]  "
         f"constitution {round_.constitution}  policy {round_.policy}",
         highlight=False,
     )
@@ -82,7 +86,7 @@ def show(
             highlight=False,
         )
     table = Table("count", "value", box=SIMPLE, show_header=False)
-    for name, value in asdict(counts).items():
+    for name, value in counts.items():
         table.add_row(name.replace("_", " "), str(value))
     out.print(table)
 
@@ -101,7 +105,7 @@ def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json([asdict(r) for r in rounds])
         return
-    table = Table("id", "status", "constitution", "policy", "created")
+    table = Table("id", "kind", "status", "constitution", "policy", "created")
     for r in rounds:
-        table.add_row(str(r.id), r.status, r.constitution, r.policy, f"{r.created_at:%Y-%m-%d %H:%M}")
+        table.add_row(str(r.id), r.kind, r.status, r.constitution, r.policy, f"{r.created_at:%Y-%m-%d %H:%M}")
     out.print(table)

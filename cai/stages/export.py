@@ -67,13 +67,14 @@ def _export_sft(
         check_kind(repo.get_round(session, round_id).kind, Stage.SFT_EXPORT, round_id)
         round_chains = chains.round_chains(session, round_id)
         revisers = chains.revisers(session, round_id)
+        verdicts = {p.responses: p.verdict for p in labelled_pairs(session, round_id) if p.kind == "revision"}
         provenance = round_provenance(session, round_id)
     with failure_recorded(ws, round_id, Stage.SFT_EXPORT):
         for leftover in remove_stale_work_dirs(target.parent):
             progress.note(f"removed {leftover}: left by an export that was killed")
         progress.task(f"round {round_id}: writing SFT snapshot", len(round_chains))
         manifest = write_sft_snapshot(
-            target, round_chains, provenance, settings.sft_filters(), revisers, settings.overwrite
+            target, round_chains, provenance, settings.sft_filters(), revisers, verdicts, settings.overwrite
         )
         digest = manifest_sha256(target)
         progress.update(len(round_chains), len(round_chains))

@@ -13,6 +13,7 @@ from typing import TypeVar
 from cai.calibrate import CalibrationReport, default_canaries, default_gold, load_pairs
 from cai.calibrate import calibrate as run_calibration_pairs
 from cai.constitution import parse_ref
+from cai.errors import BadInput
 from cai.judge_round import (
     Claimant,
     RoundJudgement,
@@ -103,7 +104,13 @@ def run_judge(
     progress = progress or Silent()
     with ws.session() as session:
         # An unknown round, or one of the other kind: bad input, before any model loads.
-        check_kind(repo.get_round(session, round_id).kind, Stage.JUDGE, round_id)
+        kind = repo.get_round(session, round_id).kind
+        check_kind(kind, Stage.JUDGE, round_id)
+        if kind == "sl" and settings.mode != "pairwise":
+            raise BadInput(
+                f"mode: round {round_id} is an SL round, whose chains are judged pairwise (each final "
+                "revision against its first answer); drop --mode"
+            )
     judge = open_judge(ws, settings, progress)
     if settings.min_calibration is not None:
         with ws.session() as session:

@@ -23,6 +23,7 @@ from cai.chains import (
 from cai.constitution import Constitution, Principle
 from cai.errors import BadInput
 from cai.generate import sample_missing
+from cai.registry import EMBEDDED_MODEL
 from cai.stages.progress import Progress, Silent, check
 from cai.stages.settings import ReviseSettings
 from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
@@ -31,6 +32,11 @@ from cai.store.models import RevisionStepRow
 from cai.store.queue import principle_ids
 from cai.workspace import Workspace
 
+EMBEDDED_REVISER_WARNING = (
+    "The reviser is the embedded 135M model: it runs the chain end to end, but its critiques and "
+    "revisions are mostly off the mark (the paper's model critiqued itself at 52B). For real SFT data "
+    "pass --reviser-model (a capable model's directory, or its name with --reviser-base-url)."
+)
 STEP_LEASE_S = 900.0
 """As long as a sampling batch's lease (cai.generate): a batch of steps is two sampling calls."""
 
@@ -44,6 +50,9 @@ class ReviseStats:
     steps_failed: int = 0
     """Steps this run found unusable (an empty or unchanged revision): their chains end before them."""
     retried: int = 0
+    unanswered: int = 0
+    """Steps whose critique or revision the reviser's server failed after its retries: left
+    pending for a rerun."""
     chains_complete: int = 0
     """Chains of the round with every step done, after this run."""
 
@@ -77,6 +86,8 @@ def run_revise(
             stats.retried = chains.retry_failed(session, round_id)
         advance(session, round_id, Stage.REVISE, Event.START)
     seed = int(round_.config.get("seed", 0))
+    if (settings.reviser_model or policy.name) == EMBEDDED_MODEL:
+        progress.note(EMBEDDED_REVISER_WARNING)
     loaded: dict[str, Sampler] = {}
 
     def policy_sampler() -> Sampler:
@@ -140,12 +151,24 @@ def run_revise(
             with ws.session() as session:
                 claims.release(session, RevisionStepRow, ws.worker_id)
         with ws.session() as session:
+            repo.lock_round(session, round_id)  # workers sharing the round pair one at a time
             counts = chains.step_counts(session, round_id)
-            stats.chains_complete = sum(
-                len(c.steps) == settings.revisions for c in chains.round_chains(session, round_id)
-            )
+            round_chains = chains.round_chains(session, round_id)
+            stats.chains_complete = sum(len(c.steps) == settings.revisions for c in round_chains)
             if counts["pending"] == 0:
+                # Each chain's first answer (A) against its final revision (B), for a judge to
+                # confirm the revision is better (cai judge; cai export --kind sft --judge-agrees).
+                for chain in round_chains:
+                    if chain.steps:
+                        pair = [(chain.first_answer_id, chain.final_id)]
+                        samples.add_pairs(session, round_id, chain.prompt_id, pair, kind="revision")
                 advance(session, round_id, Stage.REVISE, Event.FINISH)
+        if stats.unanswered:
+            raise RevisionIncomplete(
+                f"round {round_id}: {stats.unanswered} steps got no critique or revision from the reviser "
+                f"after its retries; {stats.steps_done} steps done by this run are stored, "
+                f"{counts['pending']} are left: rerun to resume"
+            )
     return stats
 
 
@@ -218,6 +241,7 @@ def _run_steps(
                 ):
                     stats.steps_done += 1
             left = chains.step_counts(session, round_id)["pending"]
+        stats.unanswered += len(batch) - sampled
         progress.update(
             max(0, pending - left), pending, f"{stats.steps_failed} unusable" if stats.steps_failed else ""
         )

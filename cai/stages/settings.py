@@ -367,6 +367,12 @@ class ExportSettings(Settings):
     min_chain_length: int = option(
         1, "--min-chain-length", ge=1, help="sft: leave out chains with fewer revisions done."
     )
+    judge_agrees: bool = option(
+        False,
+        "--judge-agrees",
+        help="sft: keep only chains whose final revision the judge preferred to the first answer "
+        "(judge the SL round first: cai judge --round ID).",
+    )
     overwrite: bool = option(False, "--overwrite", help="Replace a different snapshot already at --out.")
 
     @field_validator("kind")
@@ -376,17 +382,23 @@ class ExportSettings(Settings):
 
     @model_validator(mode="after")
     def _options_of_kind(self) -> ExportSettings:
-        dpo_only = {"min_confidence": None, "length_balance": False}
-        if self.kind == "sft" and (given := [k for k, v in dpo_only.items() if getattr(self, k) != v]):
-            raise ValueError(f"`{given[0]}` applies to preference snapshots (kind dpo), not sft")
-        if self.kind == "dpo" and self.min_chain_length != 1:
-            raise ValueError("`min_chain_length` applies to SFT snapshots (kind sft)")
+        # Each kind's own options, at their defaults on the other kind.
+        only: dict[str, dict[str, object]] = {
+            "dpo": {"min_confidence": None, "length_balance": False},
+            "sft": {"min_chain_length": 1, "judge_agrees": False},
+        }
+        other = "sft" if self.kind == "dpo" else "dpo"
+        for name, default in only[other].items():
+            if getattr(self, name) != default:
+                raise ValueError(f"`{name}` applies to {other} snapshots (--kind {other}), not {self.kind}")
         return self
 
     def sft_filters(self) -> SftFilters:
         from cai.sft_export import SftFilters
 
-        return SftFilters(self.min_chain_length, self.principle, self.eval_fraction, self.seed)
+        return SftFilters(
+            self.min_chain_length, self.principle, self.eval_fraction, self.seed, self.judge_agrees
+        )
 
     def filters(self) -> ExportFilters:
         from cai.export import ExportFilters
@@ -516,8 +528,8 @@ class LoopSettings(Settings):
         sl_first: bool = False,
     ) -> LoopSettings:
         """The eval samples and judges as the round does: its sampling and judge settings are
-        taken from `generate` and `judge`; so does an SL round's first answers and revisions
-        (sampling, and the prompt limit), with `revise`'s own options."""
+        taken from `generate` and `judge`; so are an SL round's first answers and revisions
+        (sampling, and the prompt limit unless `revise` sets one), with `revise`'s own options."""
         shared = generate.model_dump(include=set(SamplingSettings.model_fields)) | judge.model_dump(
             include=set(JudgeEndpoint.model_fields) | set(JudgeScope.model_fields)
         )
@@ -532,7 +544,7 @@ class LoopSettings(Settings):
                     exclude=set(SamplingSettings.model_fields) | {"limit"}
                 ),
                 **generate.model_dump(include=set(SamplingSettings.model_fields)),
-                limit=generate.limit,
+                limit=revise.limit if revise and revise.limit else generate.limit,
             ),
             sft=sft or SftSettings(),
             sl_first=sl_first,

@@ -58,6 +58,9 @@ STEPS: tuple[Stage, ...] = (Stage.GENERATE, Stage.JUDGE, Stage.EXPORT, Stage.TRA
 SL_STEPS: tuple[Stage, ...] = (Stage.REVISE, Stage.SFT_EXPORT, Stage.SFT)
 """A supervised ('sl') round's stages: critique-revision chains, their SFT snapshot, SFT."""
 STEPS_OF_KIND = {"rl": STEPS, "sl": SL_STEPS}
+OPTIONAL_STEPS = {"rl": (), "sl": (Stage.JUDGE,)}
+"""Stages a round of the kind may run without its status moving: an SL round's judge confirms
+(or not) that each chain's final revision beats its first answer."""
 
 S = RoundStatus
 STAGE_STATUSES: dict[Stage, tuple[RoundStatus, RoundStatus, RoundStatus]] = {
@@ -140,10 +143,12 @@ def steps_left(status: str, failed_step: str | None = None, kind: str = "rl") ->
 
 def check_kind(kind: str, stage: Stage, round_id: int) -> None:
     """Refuse a stage that is not one of the round kind's (sampling pairs on an SL round, say)."""
-    if stage not in STEPS_OF_KIND[kind]:
-        names = {"rl": "generate, judge, export, train, eval", "sl": "revise, export --kind sft, sft"}
+    if stage not in STEPS_OF_KIND[kind] and stage not in OPTIONAL_STEPS[kind]:
+        commands = {"rl": "generate, judge, export, train, eval", "sl": "revise, export --kind sft, sft"}
+        command = {Stage.EXPORT: "export --kind dpo", Stage.SFT_EXPORT: "export --kind sft"}.get(stage, stage)
         raise BadInput(
-            f"round {round_id} is a {KIND_NAMES[kind]} round: its stages are {names[kind]}, not {stage}"
+            f"round {round_id} is a {KIND_NAMES[kind]} round: its stages are cai {commands[kind]}, "
+            f"not cai {command}"
         )
 
 
@@ -153,6 +158,8 @@ def advance(session: Session, round_id: int, stage: Stage, event: Event, error: 
     repo.lock_round(session, round_id)
     current, failed_step, kind = repo.round_status(session, round_id)
     check_kind(kind, stage, round_id)
+    if stage in OPTIONAL_STEPS[kind]:
+        return current
     status = RoundStatus(current)
     new = transition(status, stage, event, Stage(failed_step) if failed_step else None)
     if new is None:

@@ -232,6 +232,7 @@ class ChainStep:
     principle: str
     critique: str
     revision: str
+    revision_id: int
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,10 @@ class Chain:
     @property
     def final(self) -> str:
         return self.steps[-1].revision if self.steps else self.first_answer
+
+    @property
+    def final_id(self) -> int:
+        return self.steps[-1].revision_id if self.steps else self.first_answer_id
 
 
 def round_chains(session: Session, round_id: int) -> list[Chain]:
@@ -267,6 +272,7 @@ def round_chains(session: Session, round_id: int) -> list[Chain]:
             PrincipleRow.key,
             RevisionStepRow.critique,
             revision.text,
+            revision.id,
         )
         .join(PrincipleRow, PrincipleRow.id == RevisionStepRow.principle_id)
         .outerjoin(revision, revision.id == RevisionStepRow.revision_response_id)
@@ -275,11 +281,11 @@ def round_chains(session: Session, round_id: int) -> list[Chain]:
     ).all()
     by_prompt: dict[int, list[ChainStep]] = {}
     stopped: set[int] = set()
-    for prompt_id, step, status, key, critique, text in steps:
+    for prompt_id, step, status, key, critique, text, revision_id in steps:
         if prompt_id in stopped or status != "done":
             stopped.add(prompt_id)
             continue
-        by_prompt.setdefault(prompt_id, []).append(ChainStep(step, key, critique or "", text))
+        by_prompt.setdefault(prompt_id, []).append(ChainStep(step, key, critique or "", text, revision_id))
     return [
         Chain(prompt_id, sha, messages, text, rid, by_prompt.get(prompt_id, []))
         for prompt_id, rid, text, sha, messages in firsts

@@ -56,6 +56,8 @@ class LabelledPair:
     """Every judged principle's verdict in each order, from the judge whose label this is."""
     lengths: tuple[int, int] = (0, 0)
     """Words in the chosen and the rejected response."""
+    responses: tuple[int, int] = (0, 0)
+    """The pair's response ids, A then B."""
 
 
 def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
@@ -138,6 +140,7 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
                 judge=judges.get(effective.judge_id) if effective.judge_id else None,
                 verdicts=tuple(verdicts.get(pair_id, ())),
                 lengths=(len(chosen.split()), len(rejected.split())),
+                responses=(a_id, b_id),
             )
         )
     return result
