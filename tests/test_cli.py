@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from cai.templates import REQUIRED
 from tests.conftest import REPO, Cli, table_counts
 
 HH = REPO / "constitutions/helpful-harmless/v1.yaml"
@@ -195,7 +196,7 @@ def test_missing_embedded_model_names_the_install_command(cli: Cli, monkeypatch:
 
 
 def test_templates_check(cli: Cli, tmp_path: Path) -> None:
-    assert cli("templates", "check").stdout.count("ok ") == 4
+    assert cli("templates", "check").stdout.count("ok ") == len(REQUIRED)
     custom = tmp_path / "prompts"
     shutil.copytree(REPO / "prompts", custom)
     (custom / "judge_score.jinja").write_text("{{ principle.critique }}\n{{ scale_maximum }}\n")

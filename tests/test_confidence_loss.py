@@ -27,7 +27,9 @@ BETA = 0.1
 def make_trainer(model_dir: Path, rows: list[dict[str, Any]], out: Path, mode: str | None) -> Any:
     """TRL's own DPOTrainer (mode None) or cai's with `mode`, on the same model and rows, with cai's
     precomputed reference and no reordering (so both see the same batches)."""
-    config = TrainConfig(beta=BETA, group_by_length=False, share_prompt=False, **FAST)
+    # float32 on every CPU: with native bf16 (AMX) the default autocasts, and the gradients'
+    # proportionality then holds only to bf16 precision (0.7 % off, measured on a Xeon with AMX).
+    config = TrainConfig(beta=BETA, group_by_length=False, share_prompt=False, bf16=False, **FAST)
     trainer_class = DPOTrainer if mode is None else dpo_trainer_class(False, False, mode)
     return trainer_class(
         model=AutoModelForCausalLM.from_pretrained(model_dir),

@@ -439,3 +439,40 @@ def test_a_reviser_server_that_keeps_failing_loses_and_duplicates_nothing(
     with session_scope(engine) as session:
         revisions = session.scalar(select(func.count()).where(ResponseRow.origin == "revision"))
         assert revisions == 20 and session.get_one(RoundRow, round_id).status == "revised"
+
+
+def test_trl_sft_cli_trains_on_an_sft_snapshot_as_is(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from cai.sft_export import SftFilters, write_sft_snapshot
+    from cai.store.chains import Chain, ChainStep
+    from cai.store.snapshots import RoundProvenance
+    from tests.test_train_multiprocess import run, weights_moved
+
+    chains = [
+        Chain(
+            prompt_id=i,
+            prompt_sha256=f"{i:064x}",
+            conversation=[{"role": "user", "content": f"Question {i}?"}],
+            first_answer=f"A first answer {i}.",
+            first_answer_id=10 * i,
+            steps=[ChainStep(1, "honesty", "It could be clearer.", f"A clearer answer {i}.", 10 * i + 1)],
+        )
+        for i in range(1, 9)
+    ]
+    provenance = RoundProvenance(1, {"name": "c", "version": 1, "sha256": "0" * 64}, {"name": "p"}, [])
+    write_sft_snapshot(tmp_path / "snap", chains, provenance, SftFilters(eval_fraction=0.3), [], {})
+    out = tmp_path / "trl-out"
+    trl_sft = [
+        str(Path(sys.executable).with_name("trl")), "sft",
+        "--dataset_name", str(tmp_path / "snap"),
+        "--dataset_test_split", "eval",  # an SFT snapshot's splits are train and eval too
+        "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(out),
+        "--learning_rate", "1e-3", "--max_steps", "1",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--eval_strategy", "steps", "--eval_steps", "1",
+        "--max_length", "128", "--gradient_checkpointing", "false",
+        "--save_strategy", "no", "--use_cpu", "--bf16", "false", "--report_to", "none",
+    ]  # fmt: skip
+    done = run(trl_sft, tmp_path)
+    assert "eval_loss" in done.stdout + done.stderr  # the eval split was found and scored
+    assert weights_moved(tiny_model_dir, out)
