@@ -217,7 +217,9 @@ def _explain_sl(ws: Workspace, round_id: int) -> None:
         f"\nSL round {round_id}: {len(revised)} answers revised. Mean length {before['mean_words']:.1f} -> "
         f"{after['mean_words']:.1f} words; all rules pass {rate(before['all_rules_pass_rate'])} -> "
         f"{rate(after['all_rules_pass_rate'])}. The SFT model trained on the revisions is what the RL "
-        "round sampled from.",
+        "round sampled from. A 135M model critiquing itself changes little (the paper's critiqued "
+        "itself at 52B); with a capable reviser (cai revise --reviser-model) the revisions carry the "
+        "constitution.",
         highlight=False,
         soft_wrap=True,
     )
