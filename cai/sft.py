@@ -16,7 +16,6 @@ from cai.train import (
     TrainResult,
     check_optional_dependencies,
     config_from_file,
-    cpu_has_native_bf16,
     is_main_process,
     last_complete_checkpoint,
     load_snapshot,
@@ -24,6 +23,7 @@ from cai.train import (
     lora_config,
     save_final,
     set_aside_incomplete_checkpoints,
+    trainer_args,
 )
 
 
@@ -48,6 +48,7 @@ class SftConfig(BaseModel):
     seed: int = 0
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=50, ge=1)
+    gradient_checkpointing: bool = False  # as TrainConfig's: on a CPU memory is not the limit
     report_to_tensorboard: bool = False
     bf16: bool | None = None  # as TrainConfig.bf16: None picks bf16 where it is native
 
@@ -67,33 +68,9 @@ def as_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
 def sft_args(config: SftConfig, output_dir: Path, *, gpu: bool) -> Any:
     from trl import SFTConfig
 
-    fields = SFTConfig.__dataclass_fields__
-    # As in cai.train.dpo_args: transformers 5 renamed the option, and on a CPU recomputing
-    # activations only costs time.
-    renamed = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    checkpointing: dict[str, Any] = {renamed: False}
     return SFTConfig(
-        **checkpointing,
-        output_dir=str(output_dir),
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_length=config.max_length,
         completion_only_loss=config.completion_only_loss,
-        seed=config.seed,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=1,
-        eval_strategy="no",  # the eval split is scored once, after training
-        dataloader_num_workers=0,
-        optim="adamw_torch_fused",
-        report_to=["tensorboard"] if config.report_to_tensorboard else "none",
-        use_cpu=not gpu,
-        bf16=config.bf16 if config.bf16 is not None else gpu or cpu_has_native_bf16(),
+        **trainer_args(SFTConfig, config, output_dir, gpu=gpu),
     )
 
 

@@ -375,39 +375,47 @@ def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
     bf16 under autocast (mixed precision), which is what `bf16=True` means with `use_cpu`."""
     from trl import DPOConfig
 
-    fields = DPOConfig.__dataclass_fields__
-    # transformers 5 renamed the option; the old name still works but warns on every run.
-    renamed = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    checkpointing: dict[str, Any] = {renamed: config.gradient_checkpointing}
     return DPOConfig(
-        output_dir=str(output_dir),
         beta=config.beta,
         loss_type=list(config.loss_type),
         loss_weights=config.loss_weights,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_length=config.max_length,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
-        **checkpointing,
-        seed=config.seed,
-        logging_steps=config.logging_steps,
+        **trainer_args(DPOConfig, config, output_dir, gpu=gpu),
+    )
+
+
+def trainer_args(
+    args_class: type, config: TrainConfig | SftConfig, output_dir: Path, *, gpu: bool
+) -> dict[str, Any]:
+    """The arguments DPO and SFT runs share (DPOConfig and SFTConfig are both TrainingArguments)."""
+    fields = args_class.__dataclass_fields__  # type: ignore[attr-defined]
+    # transformers 5 renamed the option; the old name still works but warns on every run.
+    renamed = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {
+        "output_dir": str(output_dir),
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.num_train_epochs,
+        "max_steps": config.max_steps,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "per_device_eval_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "max_length": config.max_length,
+        renamed: config.gradient_checkpointing,
+        "seed": config.seed,
+        "logging_steps": config.logging_steps,
         # Checkpoints (model, optimizer, scheduler, RNG) are what a killed run resumes from; one is enough.
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=1,
-        eval_strategy="no",  # the eval split is scored once, after training
-        dataloader_num_workers=0,  # worker processes only add fork and pickling cost on 2 cores
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 1,
+        "eval_strategy": "no",  # the eval split is scored once, after training
+        "dataloader_num_workers": 0,  # worker processes only add fork and pickling cost on 2 cores
         # One pass over the weights instead of a loop of tensor ops: 84 ms against 272 ms a step
         # for SmolLM2-135M's AdamW update on 2 CPU cores; fused on GPUs too.
-        optim="adamw_torch_fused",
-        report_to=["tensorboard"] if config.report_to_tensorboard else "none",
-        use_cpu=not gpu,
-        bf16=config.bf16 if config.bf16 is not None else gpu or cpu_has_native_bf16(),
-    )
+        "optim": "adamw_torch_fused",
+        "report_to": ["tensorboard"] if config.report_to_tensorboard else "none",
+        "use_cpu": not gpu,
+        "bf16": config.bf16 if config.bf16 is not None else gpu or cpu_has_native_bf16(),
+    }
 
 
 def check_optional_dependencies(config: TrainConfig | SftConfig) -> None:

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cai.errors import BadInput
-from cai.stages.progress import Progress, Silent, check
+from cai.stages.progress import Progress, Silent
 from cai.stages.settings import SftSettings
 from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
-from cai.stages.train import default_run_dir, recorded_snapshot
+from cai.stages.train import default_run_dir, snapshot_to_train, step_recorder
 from cai.store import repo, training
 from cai.workspace import Workspace
 
@@ -24,7 +23,6 @@ def run_sft(
     """Fine-tune the round's policy on its final revisions and register the result; returns a
     summary of the run. A killed or stopped run resumes from its last complete checkpoint."""
     from cai.backends import policy_location
-    from cai.export import load_manifest, manifest_sha256
     from cai.sft import train_sft
     from cai.sft_export import SFT_FORMAT
 
@@ -34,39 +32,26 @@ def run_sft(
         round_ = repo.get_round(session, round_id)
         check_kind(round_.kind, Stage.SFT, round_id)
         policy = repo.get_policy(session, round_.policy)
-        if settings.snapshot is not None:
-            snapshot_dir = settings.snapshot
-            load_manifest(snapshot_dir, SFT_FORMAT)
-        else:
-            snapshot_dir = recorded_snapshot(session, round_id, SFT_FORMAT)
-        digest = manifest_sha256(snapshot_dir)
-        snapshot_row = training.snapshot_by_manifest(session, digest)
-        if snapshot_row is None:
-            raise BadInput(
-                f"snapshot: {snapshot_dir} was not exported by this database (cai export --kind sft)"
-            )
+        snapshot_dir, digest, snapshot_id = snapshot_to_train(
+            session, round_id, settings.snapshot, SFT_FORMAT
+        )
         output_dir = (settings.output or default_run_dir(round_id)).resolve()
         settings_json = config.model_dump(mode="json") | {"method": "sft"}
         run_id, resumed = training.start_or_resume_run(
-            session, round_id, snapshot_row.id, policy.id, settings_json, str(output_dir), method="sft"
+            session, round_id, snapshot_id, policy.id, settings_json, str(output_dir), method="sft"
         )
         advance(session, round_id, Stage.SFT, Event.START)
     policy_dir = Path(policy_location(policy.name, policy.model_ref, ws.cache_dir))
     progress.note(f"SFT run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
     progress.task(f"round {round_id}: SFT")
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        with ws.session() as session:
-            training.record_step(session, run_id, step, metrics)
-        loss = metrics.get("loss")
-        progress.update(step, None, f"loss {loss:.4f}" if loss is not None else "")
-        check(progress, "between training steps (the last checkpoint resumes)")
-
     with failure_recorded(ws, round_id, Stage.SFT):
         try:
             # transformers' progress callback prints logs to stdout; keep stdout for --json.
             with contextlib.redirect_stdout(sys.stderr):
-                result = train_sft(snapshot_dir, policy_dir, output_dir, config, on_log)
+                result = train_sft(
+                    snapshot_dir, policy_dir, output_dir, config, step_recorder(ws, run_id, progress)
+                )
         except BaseException:
             with ws.session() as session:
                 training.fail_run(session, run_id)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ def run_train(
     summary; the others return `{"worker_rank": True, ...}`). A killed or stopped run resumes
     from its last complete checkpoint when run again; one a kill cut short is moved aside."""
     from cai.backends import policy_location
-    from cai.export import FORMAT, load_manifest, manifest_sha256
+    from cai.export import FORMAT
     from cai.train import is_main_process, last_complete_checkpoint, set_aside_incomplete_checkpoints
 
     progress = progress or Silent()
@@ -48,23 +49,14 @@ def run_train(
         round_ = repo.get_round(session, round_id)
         check_kind(round_.kind, Stage.TRAIN, round_id)
         policy = repo.get_policy(session, round_.policy)
-        # Complete and unaltered, or refused before any run is recorded.
-        if settings.snapshot is not None:
-            snapshot_dir = settings.snapshot
-            load_manifest(snapshot_dir, FORMAT)
-        else:
-            snapshot_dir = recorded_snapshot(session, round_id, FORMAT)
-        digest = manifest_sha256(snapshot_dir)
-        snapshot_row = training.snapshot_by_manifest(session, digest)
-        if snapshot_row is None:
-            raise BadInput(f"snapshot: {snapshot_dir} was not exported by this database (cai export)")
+        snapshot_dir, digest, snapshot_id = snapshot_to_train(session, round_id, settings.snapshot, FORMAT)
         ref_row = training.root_policy(session, policy.id) if settings.reference == "sft" else None
         reference_id = ref_row.id if ref_row else policy.id
         output_dir = (settings.output or default_run_dir(round_id)).resolve()
         settings_json = config.model_dump(mode="json") | {"reference": settings.reference}
         if main_process:
             run_id, resumed = training.start_or_resume_run(
-                session, round_id, snapshot_row.id, reference_id, settings_json, str(output_dir)
+                session, round_id, snapshot_id, reference_id, settings_json, str(output_dir)
             )
             advance(session, round_id, Stage.TRAIN, Event.START)
     policy_dir = Path(policy_location(policy.name, policy.model_ref, ws.cache_dir))
@@ -91,15 +83,9 @@ def run_train(
         )
     progress.task(f"round {round_id}: DPO")
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        with ws.session() as session:
-            training.record_step(session, run_id, step, metrics)
-        loss = metrics.get("loss")
-        progress.update(step, None, f"loss {loss:.4f}" if loss is not None else "")
-        check(progress, "between training steps (the last checkpoint resumes)")
-
     with failure_recorded(ws, round_id, Stage.TRAIN):
         try:
+            on_log = step_recorder(ws, run_id, progress)
             result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, on_log)
         except BaseException:
             with ws.session() as session:
@@ -129,6 +115,38 @@ def run_train(
         "last_step": steps[-1][1] if steps else {},
         "config": settings_json,
     }
+
+
+def snapshot_to_train(
+    session: Session, round_id: int, given: Path | None, expected_format: str
+) -> tuple[Path, str, int]:
+    """(directory, manifest sha256, snapshot id) of what a training stage trains on: `given`, else
+    the round's latest export. Complete, unaltered, of `expected_format` and exported by this
+    database, or refused (BadInput) before any run is recorded."""
+    from cai.export import load_manifest, manifest_sha256
+
+    if given is not None:
+        load_manifest(given, expected_format)
+    snapshot_dir = given if given is not None else recorded_snapshot(session, round_id, expected_format)
+    digest = manifest_sha256(snapshot_dir)
+    snapshot_row = training.snapshot_by_manifest(session, digest)
+    if snapshot_row is None:
+        raise BadInput(f"snapshot: {snapshot_dir} was not exported by this database (cai export)")
+    return snapshot_dir, digest, snapshot_row.id
+
+
+def step_recorder(ws: Workspace, run_id: int, progress: Progress) -> Callable[[int, dict[str, float]], None]:
+    """A training callback that stores each step's metrics, shows the loss, and stops the run at
+    a step boundary when asked (its last checkpoint resumes)."""
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        with ws.session() as session:
+            training.record_step(session, run_id, step, metrics)
+        loss = metrics.get("loss")
+        progress.update(step, None, f"loss {loss:.4f}" if loss is not None else "")
+        check(progress, "between training steps (the last checkpoint resumes)")
+
+    return on_log
 
 
 def recorded_snapshot(session: Session, round_id: int, expected_format: str) -> Path:
