@@ -64,18 +64,26 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["principle_id"], ["principles.id"], name=op.f("fk_revision_steps_principle_id_principles")
         ),
-        sa.ForeignKeyConstraint(["prompt_id"], ["prompts.id"], name=op.f("fk_revision_steps_prompt_id_prompts")),
         sa.ForeignKeyConstraint(
-            ["revision_response_id"], ["responses.id"], name=op.f("fk_revision_steps_revision_response_id_responses")
+            ["prompt_id"], ["prompts.id"], name=op.f("fk_revision_steps_prompt_id_prompts")
+        ),
+        sa.ForeignKeyConstraint(
+            ["revision_response_id"],
+            ["responses.id"],
+            name=op.f("fk_revision_steps_revision_response_id_responses"),
         ),
         sa.ForeignKeyConstraint(
             ["round_id"], ["rounds.id"], name=op.f("fk_revision_steps_round_id_rounds"), ondelete="CASCADE"
         ),
         sa.ForeignKeyConstraint(
-            ["source_response_id"], ["responses.id"], name=op.f("fk_revision_steps_source_response_id_responses")
+            ["source_response_id"],
+            ["responses.id"],
+            name=op.f("fk_revision_steps_source_response_id_responses"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_revision_steps")),
-        sa.UniqueConstraint("round_id", "prompt_id", "step", name=op.f("uq_revision_steps_round_id_prompt_id_step")),
+        sa.UniqueConstraint(
+            "round_id", "prompt_id", "step", name=op.f("uq_revision_steps_round_id_prompt_id_step")
+        ),
     )
     op.create_index("ix_revision_steps_round_status", "revision_steps", ["round_id", "status"], unique=False)
 
