@@ -7,22 +7,24 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai.allocator import freed_memory_kept
 from cai.errors import BadInput
+from cai.trackers import TrackedRun, known_trackers, tensorboard_flag_as_report_to
 from cai.train import (
     OnLog,
     TrainResult,
+    callbacks,
     check_optional_dependencies,
     config_from_file,
     is_main_process,
     last_complete_checkpoint,
     load_snapshot,
-    log_forwarder,
     lora_config,
     save_final,
     set_aside_incomplete_checkpoints,
+    train_then_evaluate,
     trainer_args,
 )
 
@@ -49,8 +51,16 @@ class SftConfig(BaseModel):
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=50, ge=1)
     gradient_checkpointing: bool = False  # as TrainConfig's: on a CPU memory is not the limit
-    report_to_tensorboard: bool = False
+    report_to: list[str] = Field(default_factory=list)  # as TrainConfig's: cai.trackers
     bf16: bool | None = None  # as TrainConfig.bf16: None picks bf16 where it is native
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    _known_trackers = field_validator("report_to")(known_trackers)
+    _tensorboard_flag = model_validator(mode="before")(tensorboard_flag_as_report_to)
 
 
 def load_sft_config(path: Path | None = None, **overrides: Any) -> SftConfig:
@@ -65,12 +75,12 @@ def as_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def sft_args(config: SftConfig, output_dir: Path, *, gpu: bool) -> Any:
+def sft_args(config: SftConfig, output_dir: Path, *, gpu: bool, tracked: TrackedRun | None = None) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
         completion_only_loss=config.completion_only_loss,
-        **trainer_args(SFTConfig, config, output_dir, gpu=gpu),
+        **trainer_args(SFTConfig, config, output_dir, gpu=gpu, tracked=tracked),
     )
 
 
@@ -80,6 +90,7 @@ def train_sft(
     output_dir: Path,
     config: SftConfig,
     on_log: OnLog | None = None,
+    tracked: TrackedRun | None = None,
 ) -> TrainResult:
     """Fine-tune `policy_dir` on the SFT snapshot's train split (its eval split, if any, is scored
     after training). A rerun resumes from the newest complete checkpoint under `output_dir`; the
@@ -99,7 +110,7 @@ def train_sft(
     from trl import SFTTrainer
 
     gpu = torch.cuda.is_available()
-    args = sft_args(config, output_dir, gpu=gpu)
+    args = sft_args(config, output_dir, gpu=gpu, tracked=tracked)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     if not tokenizer.chat_template:
         raise BadInput(f"{policy_dir}: the tokenizer has no chat template; SFT on chat data needs one")
@@ -115,7 +126,7 @@ def train_sft(
             train_dataset=splits["train"],
             eval_dataset=splits.get("eval"),
             processing_class=tokenizer,
-            callbacks=[log_forwarder(on_log)] if on_log else None,
+            callbacks=callbacks(on_log, tracked),
             peft_config=lora_config(config),
         )
         if on_log is not None:
@@ -123,9 +134,6 @@ def train_sft(
 
             trainer.remove_callback(ProgressCallback)
             trainer.remove_callback(PrinterCallback)
-        summary = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
-        if "eval" in splits:
-            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
+        metrics = train_then_evaluate(trainer, last, evaluate="eval" in splits)
         final = save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
     return TrainResult(metrics=metrics, steps=trainer.state.global_step, model_dir=final, resumed_from=last)

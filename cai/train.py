@@ -22,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cai.allocator import freed_memory_kept
 from cai.confidence_loss import ConfidenceMode
 from cai.errors import BadInput
+from cai.trackers import (
+    TrackedRun,
+    check_installed,
+    known_trackers,
+    tags_callback,
+    tensorboard_flag_as_report_to,
+    tracker_args,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -95,16 +103,20 @@ class TrainConfig(BaseModel):
     seed: int = 0
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=50, ge=1)  # a checkpoint to resume from; only the latest is kept
-    report_to_tensorboard: bool = False
+    # Experiment trackers TRL reports to: tensorboard, trackio, mlflow, wandb (cai.trackers).
+    report_to: list[str] = Field(default_factory=list)
     # None: bf16 on a GPU, and on a CPU with native bf16 (AVX512-BF16 or AMX), where autocast over
     # the float32 weights made a SmolLM2-135M step 1.7x faster (5.0 s -> 2.95 s, fwd+bwd); float32
     # on other CPUs, where bf16 is emulated and slow. True/False force it.
     bf16: bool | None = None
 
-    @field_validator("loss_type", mode="before")
+    @field_validator("loss_type", "report_to", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    _known_trackers = field_validator("report_to")(known_trackers)
+    _tensorboard_flag = model_validator(mode="before")(tensorboard_flag_as_report_to)
 
     @field_validator("loss_type")
     @classmethod
@@ -232,13 +244,15 @@ def train_dpo(
     config: TrainConfig,
     reference_dir: Path | None = None,
     on_log: OnLog | None = None,
+    tracked: TrackedRun | None = None,
 ) -> TrainResult:
     """Train `policy_dir` (a transformers model dir with its tokenizer) with DPO on the snapshot's
     train split against the reference (default: the policy itself, the round's starting point).
     Checkpoints go to `output_dir` and a rerun resumes from the latest complete one (incomplete
     ones, from a run killed while saving, are moved aside); the final model and
     tokenizer land in `output_dir/final`. `on_log(step, metrics)` gets every training log (loss,
-    rewards/*, logps/*...) and the final eval metrics."""
+    rewards/*, logps/*...) and the final eval metrics. `tracked` names and tags the run in the
+    trackers of `config.report_to`."""
     snapshot_dir, policy_dir, output_dir = Path(snapshot_dir), Path(policy_dir), Path(output_dir)
     reference_dir = Path(reference_dir) if reference_dir is not None else None
     check_optional_dependencies(config)
@@ -252,7 +266,7 @@ def train_dpo(
     # Built before any model is loaded: under `accelerate launch` with DeepSpeed ZeRO-3 the config
     # registers itself with transformers, and from_pretrained then loads the weights already
     # partitioned across the processes instead of a full copy on each.
-    args = dpo_args(config, output_dir, gpu=gpu)
+    args = dpo_args(config, output_dir, gpu=gpu, tracked=tracked)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     if not tokenizer.chat_template:
         raise BadInput(f"{policy_dir}: the tokenizer has no chat template; DPO on chat data needs one")
@@ -279,7 +293,7 @@ def train_dpo(
             train_dataset=splits["train"],
             eval_dataset=splits.get("eval"),
             processing_class=tokenizer,
-            callbacks=[log_forwarder(on_log)] if on_log else None,
+            callbacks=callbacks(on_log, tracked),
             peft_config=lora_config(config),
         )
         if config.lora_r is not None and _parameters_sharded(trainer):
@@ -295,11 +309,7 @@ def train_dpo(
 
             trainer.remove_callback(ProgressCallback)
             trainer.remove_callback(PrinterCallback)
-        summary = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, int | float)}
-        if "eval" in splits:
-            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
-
+        metrics = train_then_evaluate(trainer, last, evaluate="eval" in splits)
         final = save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
     return TrainResult(
         metrics=metrics,
@@ -307,6 +317,25 @@ def train_dpo(
         model_dir=final,
         resumed_from=last,
     )
+
+
+def train_then_evaluate(trainer: Any, resume_from: Path | None, *, evaluate: bool) -> dict[str, float]:
+    """Train (resuming from `resume_from`), then score the eval split once when `evaluate`; the
+    run's summary and eval metrics. The eval runs at the end of training, before the tracker
+    integrations close their runs: after `train()` returns, its metrics would open a second run
+    in MLflow and trackio."""
+    from transformers import TrainerCallback
+
+    eval_metrics: dict[str, Any] = {}
+
+    class EvaluateAtTrainEnd(TrainerCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            eval_metrics.update(trainer.evaluate())
+
+    if evaluate:
+        trainer.callback_handler.callbacks.insert(0, EvaluateAtTrainEnd())  # before the trackers'
+    summary = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return {k: float(v) for k, v in (summary.metrics | eval_metrics).items() if isinstance(v, int | float)}
 
 
 def checkpoint_complete(checkpoint: Path) -> bool:
@@ -370,7 +399,7 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
+def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool, tracked: TrackedRun | None = None) -> Any:
     """The DPOConfig for `config`. Weights stay float32 on a CPU; with bf16 the matmuls run in
     bf16 under autocast (mixed precision), which is what `bf16=True` means with `use_cpu`."""
     from trl import DPOConfig
@@ -380,12 +409,17 @@ def dpo_args(config: TrainConfig, output_dir: Path, *, gpu: bool) -> Any:
         loss_type=list(config.loss_type),
         loss_weights=config.loss_weights,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
-        **trainer_args(DPOConfig, config, output_dir, gpu=gpu),
+        **trainer_args(DPOConfig, config, output_dir, gpu=gpu, tracked=tracked),
     )
 
 
 def trainer_args(
-    args_class: type, config: TrainConfig | SftConfig, output_dir: Path, *, gpu: bool
+    args_class: type,
+    config: TrainConfig | SftConfig,
+    output_dir: Path,
+    *,
+    gpu: bool,
+    tracked: TrackedRun | None = None,
 ) -> dict[str, Any]:
     """The arguments DPO and SFT runs share (DPOConfig and SFTConfig are both TrainingArguments)."""
     fields = args_class.__dataclass_fields__  # type: ignore[attr-defined]
@@ -412,17 +446,20 @@ def trainer_args(
         # One pass over the weights instead of a loop of tensor ops: 84 ms against 272 ms a step
         # for SmolLM2-135M's AdamW update on 2 CPU cores; fused on GPUs too.
         "optim": "adamw_torch_fused",
-        "report_to": ["tensorboard"] if config.report_to_tensorboard else "none",
+        **tracker_args(config.report_to, tracked),
         "use_cpu": not gpu,
         "bf16": config.bf16 if config.bf16 is not None else gpu or cpu_has_native_bf16(),
     }
 
 
 def check_optional_dependencies(config: TrainConfig | SftConfig) -> None:
-    import importlib.util
+    check_installed(config.report_to)
 
-    if config.report_to_tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise BadInput("report_to_tensorboard needs tensorboard: pip install tensorboard")
+
+def callbacks(on_log: OnLog | None, tracked: TrackedRun | None) -> list[Any] | None:
+    """The callbacks cai adds to a trainer: the log forwarder, and the tracker tags."""
+    added = ([log_forwarder(on_log)] if on_log else []) + ([tags_callback(tracked)] if tracked else [])
+    return added or None
 
 
 def lora_config(config: TrainConfig | SftConfig) -> Any:

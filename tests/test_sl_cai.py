@@ -198,7 +198,7 @@ def test_a_chain_killed_mid_way_resumes_without_redoing_a_step(
 
 
 def test_sft_snapshot_trains_with_sfttrainer_and_the_policy_names_its_round(
-    cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path
+    cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from datasets import load_dataset
     from safetensors.torch import load_file
@@ -240,7 +240,9 @@ def test_sft_snapshot_trains_with_sfttrainer_and_the_policy_names_its_round(
 
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     sft = ["sft", "--round", round_id, "--max-steps", 2, "--batch-size", 2, "--max-length", 128, "--lr", 1e-3]
-    summary = json.loads(cli(*sft, "--output", tmp_path / "run", "--json").stdout)
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    summary = json.loads(cli(*sft, "--output", tmp_path / "run", "--report-to", "mlflow", "--json").stdout)
     after = load_file(str(Path(summary["model_dir"]) / "model.safetensors"))
     assert summary["steps"] == 2
     assert any(not (before[name] == after[name]).all() for name in before), "SFT changed no weight"
@@ -252,6 +254,13 @@ def test_sft_snapshot_trains_with_sfttrainer_and_the_policy_names_its_round(
         assert policy.parent_id == round_.policy_id and "+sft-r" in policy.name
         assert policy.snapshot_sha256 == exported["manifest_sha256"]
         assert round_.status == "done"
+        base = session.get_one(PolicyRow, round_.policy_id).name
+    import mlflow
+
+    (tracked,) = mlflow.MlflowClient(mlflow_uri).search_runs(["0"])
+    assert tracked.info.run_name == f"cai-round-{round_id}-sft"
+    assert tracked.data.tags["cai.method"] == "sft" and tracked.data.tags["cai.lineage"] == base
+    assert "eval_loss" in tracked.data.metrics
     # DPO refuses an SFT snapshot (their columns differ), before anything is recorded.
     rl_round = int(cli("round", "start", "-c", "helpful-harmless@1", "--policy", tiny_model_dir).stdout)
     before = table_counts(engine)

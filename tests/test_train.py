@@ -283,7 +283,7 @@ def test_tensorboard_logging_writes_the_dpo_metrics(
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = TrainConfig(max_steps=2, report_to_tensorboard=True, **FAST)
+    config = TrainConfig(max_steps=2, report_to=["tensorboard"], **FAST)
     train_dpo(snapshot, tiny_model_dir, tmp_path / "out", config)
     scalars: dict[str, list[int]] = {}
     for events in (tmp_path / "out").rglob("events.out.tfevents.*"):

@@ -429,6 +429,12 @@ class TrainSettings(Settings):
         return one_of(value, ("start", "sft"))
 
 
+REPORT_TO_HELP = (
+    "Report the run to an experiment tracker: tensorboard, trackio, mlflow or wandb; repeat for "
+    "several. The run is named cai-round-R-METHOD and tagged with the round, policy lineage and "
+    "constitution; each tracker's own environment (MLFLOW_TRACKING_URI, WANDB_PROJECT, TRACKIO_DIR...) "
+    "says where it goes."
+)
 TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     # TrainConfig field -> `cai train` flag(s). Unset flags leave the config file's value.
     "max_steps": ("--max-steps",),
@@ -441,7 +447,7 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "max_length": ("--max-length",),
     "lora_r": ("--lora-r",),
     "confidence_loss": ("--confidence-loss",),
-    "report_to_tensorboard": ("--tensorboard/--no-tensorboard",),
+    "report_to": ("--report-to",),
 }
 TRAIN_HELP = {
     "max_steps": "Stop after N optimizer steps (overrides epochs).",
@@ -449,7 +455,7 @@ TRAIN_HELP = {
     "lora_r": "Train LoRA adapters of this rank (needs peft).",
     "confidence_loss": "How each pair's judge confidence p enters the loss: off (hard labels), cdpo "
     "(label smoothing 1 - p per pair) or weight (each pair's term scaled by 2p - 1).",
-    "report_to_tensorboard": "Also log to TensorBoard.",
+    "report_to": REPORT_TO_HELP,
 }
 
 
@@ -476,13 +482,13 @@ SFT_FLAGS: dict[str, tuple[str, ...]] = {
     "max_length": ("--max-length",),
     "completion_only_loss": ("--completion-only-loss/--full-loss",),
     "lora_r": ("--lora-r",),
-    "report_to_tensorboard": ("--tensorboard/--no-tensorboard",),
+    "report_to": ("--report-to",),
 }
 SFT_HELP = {
     "max_steps": "Stop after N optimizer steps (overrides epochs).",
     "completion_only_loss": "Loss on the final revision only (the default), or on the whole conversation.",
     "lora_r": "Train LoRA adapters of this rank (needs peft).",
-    "report_to_tensorboard": "Also log to TensorBoard.",
+    "report_to": REPORT_TO_HELP,
 }
 
 

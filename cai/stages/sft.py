@@ -12,7 +12,7 @@ from typing import Any
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import SftSettings
 from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
-from cai.stages.train import default_run_dir, snapshot_to_train, step_recorder
+from cai.stages.train import default_run_dir, snapshot_to_train, step_recorder, tracked_run_of
 from cai.store import repo, training
 from cai.workspace import Workspace
 
@@ -41,6 +41,7 @@ def run_sft(
             session, round_id, snapshot_id, policy.id, settings_json, str(output_dir), method="sft"
         )
         advance(session, round_id, Stage.SFT, Event.START)
+        tracked = tracked_run_of(session, round_, policy.id, "sft", digest, run_id)
     policy_dir = Path(policy_location(policy.name, policy.model_ref, ws.cache_dir))
     progress.note(f"SFT run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
     progress.task(f"round {round_id}: SFT")
@@ -49,9 +50,8 @@ def run_sft(
         try:
             # transformers' progress callback prints logs to stdout; keep stdout for --json.
             with contextlib.redirect_stdout(sys.stderr):
-                result = train_sft(
-                    snapshot_dir, policy_dir, output_dir, config, step_recorder(ws, run_id, progress)
-                )
+                on_log = step_recorder(ws, run_id, progress)
+                result = train_sft(snapshot_dir, policy_dir, output_dir, config, on_log, tracked)
         except BaseException:
             with ws.session() as session:
                 training.fail_run(session, run_id)

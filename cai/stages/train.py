@@ -21,6 +21,7 @@ from cai.stages.progress import Progress, Silent, Stopped, check
 from cai.stages.settings import TrainSettings
 from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
 from cai.store import repo, training
+from cai.trackers import TrackedRun, tracked_run
 from cai.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -54,23 +55,26 @@ def run_train(
         reference_id = ref_row.id if ref_row else policy.id
         output_dir = (settings.output or default_run_dir(round_id)).resolve()
         settings_json = config.model_dump(mode="json") | {"reference": settings.reference}
+        run_id: int | None = None
         if main_process:
             run_id, resumed = training.start_or_resume_run(
                 session, round_id, snapshot_id, reference_id, settings_json, str(output_dir)
             )
             advance(session, round_id, Stage.TRAIN, Event.START)
+        tracked = tracked_run_of(session, round_, policy.id, "dpo", digest, run_id)
     policy_dir = Path(policy_location(policy.name, policy.model_ref, ws.cache_dir))
     reference_dir = Path(policy_location(ref_row.name, ref_row.model_ref, ws.cache_dir)) if ref_row else None
     if not main_process:
         # Only after the transaction: on SQLite it holds the write lock (BEGIN IMMEDIATE), which
         # rank 0 needs to record the run while this process waits for rank 0 inside training.
-        result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, None)
+        result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, None, tracked)
         return {
             "round": round_id,
             "worker_rank": True,
             "steps": result.steps,
             "model_dir": str(result.model_dir),
         }
+    assert run_id is not None  # the main process recorded it
     progress.note(f"training run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
     moved = set_aside_incomplete_checkpoints(output_dir)
     for aside in moved:
@@ -86,7 +90,7 @@ def run_train(
     with failure_recorded(ws, round_id, Stage.TRAIN):
         try:
             on_log = step_recorder(ws, run_id, progress)
-            result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, on_log)
+            result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, on_log, tracked)
         except BaseException:
             with ws.session() as session:
                 training.fail_run(session, run_id)
@@ -135,6 +139,26 @@ def snapshot_to_train(
     return snapshot_dir, digest, snapshot_row.id
 
 
+def tracked_run_of(
+    session: Session,
+    round_: repo.RoundRecord,
+    policy_id: int,
+    method: str,
+    snapshot_sha256: str,
+    run_id: int | None,
+) -> TrackedRun:
+    """What the run is called in the experiment trackers, from the rows it trains on."""
+    return tracked_run(
+        round_.id,
+        method,
+        repo.policy_lineage(session, policy_id),
+        round_.constitution,
+        round_.constitution_sha256,
+        snapshot_sha256,
+        run_id,
+    )
+
+
 def step_recorder(ws: Workspace, run_id: int, progress: Progress) -> Callable[[int, dict[str, float]], None]:
     """A training callback that stores each step's metrics, shows the loss, and stops the run at
     a step boundary when asked (its last checkpoint resumes)."""
@@ -173,12 +197,13 @@ def _train(
     settings: TrainSettings,
     reference_dir: Path | None,
     on_log: Any,
+    tracked: TrackedRun,
 ) -> Any:
     from cai.train import train_dpo
 
     # transformers' progress callback prints logs to stdout; keep stdout for --json.
     with contextlib.redirect_stdout(sys.stderr):
-        return train_dpo(snapshot_dir, policy_dir, output_dir, settings.dpo, reference_dir, on_log)
+        return train_dpo(snapshot_dir, policy_dir, output_dir, settings.dpo, reference_dir, on_log, tracked)
 
 
 def run_train_launched(

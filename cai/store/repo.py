@@ -3,6 +3,7 @@ so callers cannot lazy-load or mutate behind the transaction's back."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -322,21 +323,13 @@ def policy_lineages(session: Session) -> list[PolicyLineage]:
         )
     }
 
-    def chain(policy: PolicyRow) -> list[str]:
-        names, seen = [policy.name], {policy.id}
-        while policy.parent_id is not None and policy.parent_id in rows and policy.parent_id not in seen:
-            policy = rows[policy.parent_id]
-            names.append(policy.name)
-            seen.add(policy.id)
-        return names[::-1]
-
     return [
         PolicyLineage(
             id=row.id,
             name=row.name,
             model_ref=row.model_ref,
             parent=rows[row.parent_id].name if row.parent_id in rows else None,
-            lineage=chain(row),
+            lineage=_lineage(row, rows.get),
             trained_in_round=trained_in.get(row.id),
             snapshot_sha256=row.snapshot_sha256,
             constitution=refs.get(row.constitution_id) if row.constitution_id else None,
@@ -376,6 +369,23 @@ class RoundRecord:
     failed_step: str | None = None
     kind: str = "rl"
     """'rl' (preference stages) or 'sl' (revision chains and SFT)."""
+
+
+def policy_lineage(session: Session, policy_id: int) -> list[str]:
+    """Names from the base model to the policy `policy_id`."""
+    return _lineage(session.get_one(PolicyRow, policy_id), lambda id_: session.get(PolicyRow, id_))
+
+
+def _lineage(policy: PolicyRow, parent: Callable[[int], PolicyRow | None]) -> list[str]:
+    names, seen = [policy.name], {policy.id}
+    while policy.parent_id is not None and policy.parent_id not in seen:
+        found = parent(policy.parent_id)
+        if found is None:
+            break
+        policy = found
+        names.append(policy.name)
+        seen.add(policy.id)
+    return names[::-1]
 
 
 def create_round(
