@@ -1,6 +1,7 @@
 """Labels -> a snapshot directory TRL loads as is: `data/train-*.parquet`, `data/eval-*.parquet`
-(conversational `prompt` / `chosen` / `rejected` plus provenance) and `manifest.json`, written
-last. Deterministic: the same labels and filters give byte-identical files."""
+(conversational `prompt` / `chosen` / `rejected` plus provenance), a dataset card `README.md`
+(cai.dataset_card) and `manifest.json`, written last. Deterministic: the same labels and
+filters give byte-identical files."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cai.dataset_card import CARD, DEFAULT_LICENSE, render_card
 from cai.errors import BadInput
 from cai.store.snapshots import LabelledPair, PrincipleVerdict, RoundProvenance
 
@@ -147,9 +149,11 @@ def write_snapshot(
     provenance: RoundProvenance,
     filters: ExportFilters,
     overwrite: bool = False,
+    license_id: str = DEFAULT_LICENSE,
 ) -> dict[str, Any]:
-    """Write the snapshot into `out` (built beside it, then renamed into place) and return its
-    manifest. An existing identical snapshot is left as it is."""
+    """Write the snapshot into `out` (built beside it, then renamed into place), with its dataset
+    card under `license_id`, and return its manifest. An existing identical snapshot is left as
+    it is."""
     kept, dropped = select_pairs(pairs, filters)
     if not kept:
         raise BadInput(
@@ -173,25 +177,40 @@ def write_snapshot(
         },
     }
     writers = {split: functools.partial(_write_parquet, rows=rows) for split, rows in splits.items() if rows}
-    return publish_snapshot(out, writers, manifest, overwrite)
+    card = functools.partial(render_card, "dpo", manifest, provenance, license_id=license_id)
+    return publish_snapshot(out, writers, manifest, overwrite, card)
 
 
 def publish_snapshot(
-    out: Path, writers: Mapping[str, Callable[[Path], None]], manifest: dict[str, Any], overwrite: bool
+    out: Path,
+    writers: Mapping[str, Callable[[Path], None]],
+    manifest: dict[str, Any],
+    overwrite: bool,
+    card: Callable[[Mapping[str, str], str], str] | None = None,
 ) -> dict[str, Any]:
     """Build a snapshot beside `out` and rename it into place: each split's parquet file (only
-    non-empty splits have a writer: datasets cannot read a 0-row file), then `manifest` with the
-    files' hashes added, written last. An identical snapshot already at `out` is left as it is.
-    Returns the manifest as read back."""
+    non-empty splits have a writer: datasets cannot read a 0-row file), the dataset card (`card`
+    renders it from split -> file and the data's digest), then `manifest` with every file's hash,
+    the card's too,
+    written last. An identical snapshot already at `out` is left as it is. Returns the manifest
+    as read back."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out.parent)
     with _work_dir(out, "tmp") as tmp:
         (tmp / "data").mkdir(parents=True)
         files = {}
+        data_files = {}
         for split, write in writers.items():
             name = f"data/{split}-00000-of-00001.parquet"
             write(tmp / name)
             files[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+            data_files[split] = name
+        if card is not None:
+            text = card(
+                data_files, hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            ).encode()
+            (tmp / CARD).write_bytes(text)
+            files[CARD] = hashlib.sha256(text).hexdigest()
         # Written last: a directory without a manifest is not a snapshot.
         (tmp / MANIFEST).write_text(json.dumps(manifest | {"files": files}, indent=2, sort_keys=True) + "\n")
         _move_into_place(tmp, out, overwrite)

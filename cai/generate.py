@@ -5,13 +5,24 @@ sample index), so a rerun continues where the last one stopped and nothing is sa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cai.backends.base import Sample, Sampler, SampleRequest, SamplingIncomplete, SamplingParams
+from sqlalchemy.orm import Session
+
+from cai.backends.base import (
+    Sample,
+    Sampler,
+    SampleRequest,
+    SamplingIncomplete,
+    SamplingParams,
+    TokenUsage,
+)
 from cai.labelling import same_answer
+from cai.pricing import Spending
 from cai.stages.progress import Progress, check
 from cai.store import claims, repo, samples
 from cai.store.models import GenerationItemRow
@@ -55,6 +66,27 @@ class GenerationStats:
     already_stored: int = 0
     pairs_added: int = 0
     identical_skipped: int = 0
+    spent_usd: float | None = None
+    """What this run's policy tokens cost, when prices are known (given, or the price table's)."""
+    stopped_by_budget: bool = False
+
+
+def plan_sampling(
+    session: Session,
+    round_id: int,
+    policy_id: int,
+    prompts: list[samples.PromptWork],
+    count: int,
+    seed: int,
+    origin: str = "sample",
+) -> list[tuple[int, int, int]]:
+    """Make a pending item of each (prompt, sample index) not stored or planned yet, and free the
+    items of dead workers on this host; returns every (prompt id, index, seed) asked for."""
+    todo = [(p.id, i, sample_seed(seed, p.id, i)) for p in prompts for i in range(count)]
+    repo.lock_round(session, round_id)  # workers sharing the round plan one at a time
+    samples.plan_samples(session, round_id, policy_id, todo, origin)
+    claims.release_dead_local(session, GenerationItemRow)
+    return todo
 
 
 def sample_missing(
@@ -69,18 +101,17 @@ def sample_missing(
     batch_size: int,
     progress: Progress,
     origin: str = "sample",
+    spending: Spending | None = None,
 ) -> tuple[int, int]:
     """Sample the (prompt, index) responses of `policy_id` not stored yet, a claimed batch at a
     time, and return (sampled by this worker, already stored). `make_sampler` is called only
     when there is something to sample (loading a model takes a while). Stops at a batch boundary
-    when `progress` asks (the unfinished claims are given back). Samples that fail after the
-    sampler's retries do not stop the others; they are left pending and GenerationIncomplete is
-    raised at the end (at once, if a whole batch failed: the server is down or refuses)."""
-    todo = [(p.id, i, sample_seed(seed, p.id, i)) for p in prompts for i in range(count)]
+    when `progress` asks, or once `spending` reaches its budget (the unfinished claims are given
+    back; what is left stays pending for a rerun). Samples that fail after the sampler's retries
+    do not stop the others; they are left pending and GenerationIncomplete is raised at the end
+    (at once, if a whole batch failed: the server is down or refuses)."""
     with ws.session() as session:
-        repo.lock_round(session, round_id)  # workers sharing the round plan one at a time
-        samples.plan_samples(session, round_id, policy_id, todo, origin)
-        claims.release_dead_local(session, GenerationItemRow)
+        todo = plan_sampling(session, round_id, policy_id, prompts, count, seed, origin)
         stored = samples.stored_samples(session, round_id, policy_id, origin)
         pending = samples.pending_samples(session, round_id, policy_id, origin)
     already = sum((prompt_id, index) in stored for prompt_id, index, _ in todo)
@@ -92,6 +123,13 @@ def sample_missing(
     try:
         while True:
             check(progress, "between sampling batches")
+            wanted = batch_size
+            if spending is not None:
+                if spending.exhausted:
+                    break
+                # Near the budget, batches shrink to what is left: a run stops about one sample
+                # past it, not a whole batch.
+                wanted = spending.affordable(_cost_each(spending, sampled, params), batch_size)
             with ws.session() as session:
                 # Failed items stay claimed by this worker until the run ends (finally), so they
                 # are not claimed again and again within one run.
@@ -101,7 +139,7 @@ def sample_missing(
                     policy_id,
                     origin,
                     ws.worker_id,
-                    batch_size,
+                    wanted,
                     ws.claim_lease_s or SAMPLE_LEASE_S,
                 )
             if not batch:
@@ -109,10 +147,13 @@ def sample_missing(
             sampler = sampler or make_sampler()
             requests = [SampleRequest(item.messages, item.seed) for item in batch]
             results: list[Sample | None]
+            used_before = dataclasses.replace(_usage(sampler) or TokenUsage())
             try:
                 results = list(sampler.sample(requests, params))
             except SamplingIncomplete as exc:
                 results, incomplete = exc.samples, exc
+            if spending is not None:
+                spending.add(*_batch_tokens(sampler, used_before, results))
             drawn = [(i, r, s) for i, r, s in zip(batch, requests, results, strict=True) if s is not None]
             meta = {**params.as_dict(), "backend": type(sampler).__name__, "model": sampler.model}
             with ws.session() as session:
@@ -154,3 +195,28 @@ def sample_missing(
             already,
         )
     return sampled, already
+
+
+def _usage(sampler: Sampler) -> TokenUsage | None:
+    """A server sampler's running usage (cai.backends.openai_compat.OpenAISampler.usage)."""
+    usage = getattr(sampler, "usage", None)
+    return usage if isinstance(usage, TokenUsage) else None
+
+
+def _batch_tokens(sampler: Sampler, before: TokenUsage, results: list[Sample | None]) -> tuple[int, int]:
+    """(prompt, completion) tokens one batch used: as its server reported them per request when
+    the sampler keeps count (several samples of one request share a prompt), else summed over
+    the samples (an in-process model counts its own)."""
+    after = _usage(sampler)
+    if after is not None:
+        return after.prompt_tokens - before.prompt_tokens, after.completion_tokens - before.completion_tokens
+    drawn = [r for r in results if r is not None]
+    return sum(r.prompt_tokens or 0 for r in drawn), sum(r.completion_tokens or 0 for r in drawn)
+
+
+def _cost_each(spending: Spending, sampled: int, params: SamplingParams) -> float:
+    """What one more sample is expected to cost: this run's mean so far, else (before any came
+    back) a sample of `max_new_tokens` completion tokens."""
+    if sampled:
+        return spending.spent_usd / sampled
+    return spending.prices.cost(0, params.max_new_tokens)

@@ -91,6 +91,7 @@ def run_job(
             "snapshot": result.snapshot_id,
             "path": str(result.path),
             "manifest_sha256": result.manifest_sha256,
+            **({"hub": asdict(result.hub)} if result.hub else {}),
         }
     if job.kind == "train":
         assert round_id is not None

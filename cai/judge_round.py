@@ -10,11 +10,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from cai.backends.base import ChatBackend
 from cai.backends.negotiation import EndpointFeatures
+from cai.constitution import Constitution
 from cai.errors import BadInput
 from cai.judging import JudgeOptions, JudgeRun, RunStats
 from cai.labelling import LabelPolicy
@@ -98,8 +99,7 @@ async def judge_round(
         labelling = pairwise
         with session_scope(engine) as session:
             kind = repo.get_round(session, round_id).kind
-        # An SL round's pairs are its chains' (first answer, final revision).
-        await _phase(*run, pairwise, "revision" if kind == "sl" else "sample")
+        await _phase(*run, pairwise, first_phase(mode, kind))
     with session_scope(engine) as session:
         result.summary = labels.judge_summary(session, round_id, judges.ensure_judge(session, labelling))
         constitution_id = repo.get_round(session, round_id).constitution_id
@@ -107,6 +107,83 @@ async def judge_round(
             session, judges.ensure_judge(session, pairwise), constitution_id
         )
     return result
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """A phase's work once planned: whose it is, and how much of it is pending."""
+
+    judge_id: int
+    rules_judge_id: int
+    constitution: Constitution
+    pending: int
+    planned: int
+    retried: int
+    reclaimed: int
+
+
+def plan_phase(
+    engine: Engine | Connection, round_id: int, options: JudgeOptions, config: judges.JudgeConfig, phase: str
+) -> PhasePlan:
+    """Plan a phase's judgments (idempotently, under the round's lock), put back the failures to
+    retry and the claims of dead workers. `engine` may be a connection in a transaction, which an
+    estimate rolls back: the same planning, nothing kept."""
+    evaluation = phase == EVAL_KIND
+    with session_scope(engine) as session:
+        round_ = repo.get_round(session, round_id)
+        name, version = round_.constitution.split("@")
+        stored = repo.get_constitution(session, name, int(version))
+        judge_id = judges.ensure_judge(session, config)
+        rules_judge_id = judges.ensure_judge(session, judges.RULES_JUDGE)
+        seed = int(round_.config.get("seed", 0))
+    common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
+    planned = retried = reclaimed = pending = 0
+    for planning_pass in range(1, PLANNING_PASSES + 1):
+        rule_checks = {}
+        if phase in PAIR_PHASES:
+            # Rules run before the lock is taken: they are user-supplied patterns.
+            with session_scope(engine) as session:
+                rule_checks = queue.check_pair_rules(
+                    session, round_id, judge_id, rules_judge_id, *common[:2], phase, options.rules_first
+                )
+        with session_scope(engine) as session:
+            repo.lock_round(session, round_id)  # concurrent workers plan one at a time
+            if phase in PAIR_PHASES:
+                made = queue.plan_judgments(
+                    session,
+                    round_id,
+                    judge_id,
+                    rules_judge_id,
+                    *common,
+                    rule_checks,
+                    kind=phase,
+                    rules_first=options.rules_first,
+                    max_judge_pairs=options.max_judge_pairs,
+                    principles_per_pair=LabelPolicy.of(config.params).principles_per_pair,
+                )
+                planned += made.created
+                # Pairs added since the rules ran (by another worker) wait for another pass, or
+                # for the next run if pairs keep coming.
+                if made.deferred and planning_pass < PLANNING_PASSES:
+                    continue
+            else:
+                planned += queue.plan_single(
+                    session, round_id, judge_id, *common, first_sample_only=phase == "revise"
+                )
+            retried += queue.reset_failures(
+                session, round_id, judge_id, every_failure=options.retry_failed, evaluation=evaluation
+            )
+            reclaimed += queue.release_dead_local_claims(session)
+            pending = queue.pending_count(session, round_id, judge_id, evaluation)
+            break
+    return PhasePlan(judge_id, rules_judge_id, stored.constitution, pending, planned, retried, reclaimed)
+
+
+def first_phase(mode: str, round_kind: str) -> str:
+    """The phase a mode starts with: the only one that can be planned before any judging."""
+    if mode in ("score", "revise"):
+        return mode
+    return "revision" if round_kind == "sl" else "sample"  # an SL round's pairs are its chains'
 
 
 async def _phase(
@@ -124,59 +201,19 @@ async def _phase(
     """phase: 'sample', 'revision' or 'eval' (pairs of that kind, judged pairwise), 'score' or
     'revise'. Returns True when it stopped early (budget, or asked to)."""
     evaluation = phase == EVAL_KIND
+    plan = plan_phase(engine, round_id, options, config, phase)
+    result.planned += plan.planned
+    result.retried += plan.retried
+    result.reclaimed += plan.reclaimed
+    judge_id, rules_judge_id, pending = plan.judge_id, plan.rules_judge_id, plan.pending
     with session_scope(engine) as session:
-        round_ = repo.get_round(session, round_id)
-        name, version = round_.constitution.split("@")
-        stored = repo.get_constitution(session, name, int(version))
-        judge_id = judges.ensure_judge(session, config)
-        rules_judge_id = judges.ensure_judge(session, judges.RULES_JUDGE)
-        seed = int(round_.config.get("seed", 0))
         recall_features(session, judge_id, backend)
-    common = (stored.constitution, stored.record.id, stored.record.sha256, config.template_sha256, seed)
-    for planning_pass in range(1, PLANNING_PASSES + 1):
-        rule_checks = {}
-        if phase in PAIR_PHASES:
-            # Rules run before the lock is taken: they are user-supplied patterns.
-            with session_scope(engine) as session:
-                rule_checks = queue.check_pair_rules(
-                    session, round_id, judge_id, rules_judge_id, *common[:2], phase, options.rules_first
-                )
-        with session_scope(engine) as session:
-            repo.lock_round(session, round_id)  # concurrent workers plan one at a time
-            if phase in PAIR_PHASES:
-                planned = queue.plan_judgments(
-                    session,
-                    round_id,
-                    judge_id,
-                    rules_judge_id,
-                    *common,
-                    rule_checks,
-                    kind=phase,
-                    rules_first=options.rules_first,
-                    max_judge_pairs=options.max_judge_pairs,
-                    principles_per_pair=LabelPolicy.of(config.params).principles_per_pair,
-                )
-                result.planned += planned.created
-                # Pairs added since the rules ran (by another worker) wait for another pass, or
-                # for the next run if pairs keep coming.
-                if planned.deferred and planning_pass < PLANNING_PASSES:
-                    continue
-            else:
-                result.planned += queue.plan_single(
-                    session, round_id, judge_id, *common, first_sample_only=phase == "revise"
-                )
-            result.retried += queue.reset_failures(
-                session, round_id, judge_id, every_failure=options.retry_failed, evaluation=evaluation
-            )
-            result.reclaimed += queue.release_dead_local_claims(session)
-            pending = queue.pending_count(session, round_id, judge_id, evaluation)
-            break
     mode = "pairwise" if phase in PAIR_PHASES else phase
     run = JudgeRun(
         engine,
         round_id,
         judge_id,
-        stored.constitution,
+        plan.constitution,
         backend,
         templates,
         options,
@@ -193,7 +230,7 @@ async def _phase(
         if phase == "score":
             labels.aggregate_scores(session, round_id, judge_id)
         elif phase in ("sample", "revision"):
-            labels.aggregate_labels(session, round_id, judge_id, rules_judge_id, stored.constitution)
+            labels.aggregate_labels(session, round_id, judge_id, rules_judge_id, plan.constitution)
     return stats.stopped_by_budget or stats.stopped_on_request
 
 

@@ -36,8 +36,9 @@ from cai.judge import (
     revise_request,
     score_request,
 )
+from cai.pricing import cost_usd
 from cai.store import claims, queue
-from cai.templates import TemplateSet
+from cai.templates import Rendered, TemplateSet
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,9 @@ class JudgeOptions:
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         if self.price_in_per_mtok is None and self.price_out_per_mtok is None:
             return None
-        return (
-            prompt_tokens * (self.price_in_per_mtok or 0.0)
-            + completion_tokens * (self.price_out_per_mtok or 0.0)
-        ) / 1e6
+        return cost_usd(
+            prompt_tokens, completion_tokens, self.price_in_per_mtok or 0.0, self.price_out_per_mtok or 0.0
+        )
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         return backoff_delay(attempt, retry_after, self.backoff_base, self.backoff_cap)
@@ -79,6 +79,33 @@ T = TypeVar("T")
 
 def pairwise_parser(order: str) -> Parser:
     return lambda result: parse_pairwise(result.text, order, result.choice_probs)
+
+
+def render_request(
+    item: queue.WorkItem, constitution: Constitution, templates: TemplateSet, options: JudgeOptions, mode: str
+) -> tuple[Rendered, ChatRequest, Parser]:
+    """The judge request for a work item (and how to parse its reply): a pair in its order, or a
+    single response to score or revise (`mode`). What a run sends, and what an estimate counts."""
+    principle = constitution.principle(item.principle_key)
+    args = (templates, constitution, principle, item.conversation)
+    if item.pair_id is not None:
+        assert item.response_a is not None and item.response_b is not None
+        rendered, request = pairwise_request(
+            *args,
+            item.response_a,
+            item.response_b,
+            item.order,
+            max_tokens=options.max_tokens,
+            reasoning=options.reasoning,
+        )
+        return rendered, request, pairwise_parser(item.order)
+    original = item.response
+    assert original is not None
+    if mode == "score":
+        rendered, request = score_request(*args, original, max_tokens=options.max_tokens)
+        return rendered, request, lambda result: parse_score(result.text)
+    rendered, request = revise_request(*args, original, max_tokens=2 * options.max_tokens)
+    return rendered, request, lambda result: parse_revision(result.text, original)
 
 
 @dataclass
@@ -289,29 +316,9 @@ class JudgeRun:
         return await asyncio.get_running_loop().run_in_executor(self._database, call, *args)
 
     async def _judge(self, item: queue.WorkItem) -> tuple[queue.WorkItem, Outcome, str]:
-        principle = self.constitution.principle(item.principle_key)
-        args = (self.templates, self.constitution, principle, item.conversation)
-        parse: Parser
-        if item.pair_id is not None:
-            assert item.response_a is not None and item.response_b is not None
-            rendered, request = pairwise_request(
-                *args,
-                item.response_a,
-                item.response_b,
-                item.order,
-                max_tokens=self.options.max_tokens,
-                reasoning=self.options.reasoning,
-            )
-            parse = pairwise_parser(item.order)
-        elif self.mode == "score":
-            assert item.response is not None
-            rendered, request = score_request(*args, item.response, max_tokens=self.options.max_tokens)
-            parse = lambda result: parse_score(result.text)  # noqa: E731
-        else:
-            original = item.response
-            assert original is not None
-            rendered, request = revise_request(*args, original, max_tokens=2 * self.options.max_tokens)
-            parse = lambda result: parse_revision(result.text, original)  # noqa: E731
+        rendered, request, parse = render_request(
+            item, self.constitution, self.templates, self.options, self.mode
+        )
         outcome = await judge_once(self.backend, request, parse, self.options)
         return item, outcome, rendered.request_sha256
 

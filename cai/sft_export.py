@@ -1,7 +1,7 @@
 """Revision chains -> an SFT snapshot that TRL's SFTTrainer (and `trl sft --dataset_name DIR`)
 loads as is: `data/train-*.parquet` and `data/eval-*.parquet` with a conversational `messages`
 column (the prompt's turns, then the chain's final revision as the assistant's answer) plus
-provenance, and `manifest.json` written last, as for preference snapshots (cai.export)."""
+provenance, a dataset card and `manifest.json` written last, as for preference snapshots (cai.export)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cai.dataset_card import DEFAULT_LICENSE, render_card
 from cai.errors import BadInput
 from cai.export import ExportFilters, in_eval, publish_snapshot
 from cai.store.chains import Chain
@@ -71,9 +72,11 @@ def write_sft_snapshot(
     revisers: list[dict[str, str | None]],
     verdicts: Mapping[tuple[int, int], str],
     overwrite: bool = False,
+    license_id: str = DEFAULT_LICENSE,
 ) -> dict[str, Any]:
-    """Write the SFT snapshot into `out` and return its manifest; the train/eval split is by
-    prompt hash, as for preference snapshots. An identical snapshot there is left as it is."""
+    """Write the SFT snapshot into `out`, with its dataset card under `license_id`, and return its
+    manifest; the train/eval split is by prompt hash, as for preference snapshots. An identical
+    snapshot there is left as it is."""
     if filters.judge_agrees and not verdicts:
         raise BadInput(
             f"judge_agrees: no chain of round {provenance.round_id} is judged yet: "
@@ -106,7 +109,8 @@ def write_sft_snapshot(
         },
     }
     writers = {split: functools.partial(_write_parquet, rows=rows) for split, rows in splits.items() if rows}
-    return publish_snapshot(out, writers, manifest, overwrite)
+    card = functools.partial(render_card, "sft", manifest, provenance, license_id=license_id)
+    return publish_snapshot(out, writers, manifest, overwrite, card)
 
 
 def _write_parquet(path: Path, rows: list[Chain]) -> None:

@@ -107,6 +107,8 @@ class Workspace:
             api_key=self.settings.resolved_judge_api_key(),
             batch_size=sampling.batch_size,
             cache_dir=self.cache_dir,
+            rpm=sampling.policy_rpm,
+            tpm=sampling.policy_tpm,
         )
 
     def judge(self, endpoint: JudgeEndpoint) -> Judge:
@@ -122,10 +124,20 @@ class Workspace:
             api_key=self.settings.resolved_judge_api_key(),
             timeout=endpoint.timeout,
             cache_dir=self.cache_dir,
+            rpm=endpoint.rpm,
+            tpm=endpoint.tpm,
         )
         spec = JudgeSpec(kind, model, endpoint.judge_base_url, endpoint.identity_params())
         warning = EMBEDDED_JUDGE_WARNING if kind == "hf" and model == EMBEDDED_MODEL else None
         return Judge(backend, spec, self.templates, warning)
+
+    def judge_spec(self, endpoint: JudgeEndpoint) -> JudgeSpec:
+        """Who an endpoint's settings make the judge (its identity, as `judge` computes it),
+        without loading or calling it: for estimates."""
+        from cai.judge_round import JudgeSpec
+
+        kind = "openai" if endpoint.judge_base_url else "hf"  # make_judge's choice of backend
+        return JudgeSpec(kind, endpoint.resolved_model(), endpoint.judge_base_url, endpoint.identity_params())
 
     def leased(self, options: JudgeOptions) -> JudgeOptions:
         """Judge options with this workspace's claim lease, when it has one."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,6 +23,8 @@ from typing import Any, Literal
 
 import openai
 
+from cai.token_count import TokenCounter
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -34,6 +37,27 @@ class Reply:
 
 
 Responder = Callable[[dict[str, Any]], "str | Reply"]
+
+
+@dataclass
+class Usage:
+    """Completions served and the tokens their usage reported."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One chat-completions request as the server saw it: when (time.monotonic(), read on the
+    server's thread, so comparable with the client's clock in the same process), what, and the
+    fault it was answered with (None: served normally)."""
+
+    at: float
+    request: dict[str, Any]
+    fault: Fault | None
+
 
 FaultKind = Literal[
     "status",
@@ -406,7 +430,9 @@ class FakeOpenAI:
     type is refused the way llama.cpp's server does, HTTP `format_refusal` naming
     response_format); `logprobs` "yes" (each token at p=0.8 with one alternative at p=0.15),
     "ignore" or "refuse" (HTTP 400); `n` "yes", "ignore" (one choice whatever is asked) or
-    "refuse" (HTTP 400 when n > 1).
+    "refuse" (HTTP 400 when n > 1). Usage is counted in words, or by `tokenizer` (a
+    cai.token_count counter: the chat as the model reads it, and each reply's text); `usage`
+    sums what was reported.
     """
 
     def __init__(
@@ -420,8 +446,10 @@ class FakeOpenAI:
         format_refusal: int = 500,
         logprobs: Literal["yes", "ignore", "refuse"] = "yes",
         n: Literal["yes", "ignore", "refuse"] = "yes",
+        tokenizer: TokenCounter | None = None,
     ) -> None:
         self.responder = responder
+        self.tokenizer = tokenizer
         self.latency = latency
         self.model = model
         self.fault_for = fault_for
@@ -429,9 +457,11 @@ class FakeOpenAI:
         self.format_refusal = format_refusal
         self.logprobs = logprobs
         self.n = n
+        self._usage = Usage()
         self._lock = threading.Lock()
         self._faults: collections.deque[Fault] = collections.deque()
         self._requests: list[dict[str, Any]] = []
+        self._arrivals: list[Arrival] = []
         self._errors: list[Exception] = []
         self._in_flight = 0
         self._max_in_flight = 0
@@ -535,6 +565,19 @@ class FakeOpenAI:
             return list(self._requests)
 
     @property
+    def arrivals(self) -> list[Arrival]:
+        """When each chat-completions request arrived, with its body and the fault it got, in the
+        order they were admitted (a copy)."""
+        with self._lock:
+            return list(self._arrivals)
+
+    @property
+    def usage(self) -> Usage:
+        """The usage reported in every completion served so far, summed (a copy)."""
+        with self._lock:
+            return dataclasses.replace(self._usage)
+
+    @property
     def count(self) -> int:
         with self._lock:
             return len(self._requests)
@@ -557,9 +600,11 @@ class FakeOpenAI:
             return list(self._errors)
 
     def reset_stats(self) -> None:
-        """Forget requests, errors and the peak (queued faults stay)."""
+        """Forget requests, usage, errors and the peak (queued faults stay)."""
         with self._lock:
             self._requests.clear()
+            self._arrivals.clear()
+            self._usage = Usage()
             self._errors.clear()
             self._max_in_flight = self._in_flight
 
@@ -574,14 +619,18 @@ class FakeOpenAI:
             self._connections.pop(conn, None)
 
     def _admit(self, request: dict[str, Any]) -> Fault | None:
+        at = time.monotonic()
         with self._lock:
             self._requests.append(request)
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            if self._faults:
-                return self._faults.popleft()
+            queued = self._faults.popleft() if self._faults else None
             fault_for = self.fault_for
-        return fault_for(request) if fault_for is not None else None  # outside the lock: it may be slow
+        if queued is None and fault_for is not None:
+            queued = fault_for(request)  # outside the lock: it may be slow
+        with self._lock:
+            self._arrivals.append(Arrival(at, request, queued))
+        return queued
 
     def _leave(self) -> None:
         with self._lock:
@@ -648,10 +697,18 @@ class FakeOpenAI:
         with self._lock:
             self._ids += 1
             ident = self._ids
-        prompt_tokens = sum(
-            _words(_text(m.get("content"))) for m in request.get("messages") or [] if isinstance(m, dict)
-        )
-        completion_tokens = sum(_words(_content(c)) for c in contents)
+        messages = [m for m in request.get("messages") or [] if isinstance(m, dict)]
+        if self.tokenizer is not None:
+            chat = [{"role": str(m.get("role")), "content": _text(m.get("content"))} for m in messages]
+            prompt_tokens = self.tokenizer.chat(chat)
+            completion_tokens = sum(self.tokenizer.text(_content(c)) for c in contents)
+        else:
+            prompt_tokens = sum(_words(_text(m.get("content"))) for m in messages)
+            completion_tokens = sum(_words(_content(c)) for c in contents)
+        with self._lock:
+            self._usage.requests += 1
+            self._usage.prompt_tokens += prompt_tokens
+            self._usage.completion_tokens += completion_tokens
         return {
             "id": f"chatcmpl-fake-{ident}",
             "object": "chat.completion",

@@ -106,7 +106,7 @@ def test_an_empty_eval_split_has_no_file_and_still_loads(
 
     manifest = export(cli, labelled_round, tmp_path / "snap", "--eval-fraction", 0.0)
     assert manifest["counts"]["eval"] == 0
-    assert list(manifest["files"]) == ["data/train-00000-of-00001.parquet"]
+    assert list(manifest["files"]) == ["README.md", "data/train-00000-of-00001.parquet"]
     assert set(datasets.load_dataset(str(tmp_path / "snap"))) == {"train"}
 
 

@@ -20,15 +20,18 @@ def make_sampler(
     api_key: str | None = None,
     batch_size: int = 16,
     cache_dir: Path | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> Sampler:
     """A Sampler for a policy on `backend`. Servers know the policy by its name; in-process
-    backends load from its stored location (the embedded model is converted from its GGUF)."""
+    backends load from its stored location (the embedded model is converted from its GGUF).
+    `rpm` and `tpm` limit a server's requests and tokens per minute."""
     if backend == "openai":
         if not base_url:
             raise BadInput("the openai backend needs a base URL (an OpenAI-compatible server)")
         from cai.backends.openai_compat import OpenAISampler
 
-        return OpenAISampler(base_url, policy_name, api_key=api_key, concurrency=batch_size)
+        return OpenAISampler(base_url, policy_name, api_key=api_key, concurrency=batch_size, rpm=rpm, tpm=tpm)
     if backend == "hf":
         from cai.backends.hf import HFSampler
 
@@ -58,12 +61,15 @@ def make_judge(
     api_key: str | None = None,
     timeout: float = 60.0,
     cache_dir: Path | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> tuple[ChatBackend, str]:
-    """The judge backend and its kind ('openai' with a base URL, else 'hf' in-process)."""
+    """The judge backend and its kind ('openai' with a base URL, else 'hf' in-process). `rpm`
+    and `tpm` limit a server's requests and tokens per minute (an in-process judge has none)."""
     if base_url:
         from cai.backends.openai_compat import OpenAIChat
 
-        return OpenAIChat(base_url, model, api_key=api_key, timeout=timeout), "openai"
+        return OpenAIChat(base_url, model, api_key=api_key, timeout=timeout, rpm=rpm, tpm=tpm), "openai"
     from cai.backends.hf import HFChat, ensure_local_model
 
     return HFChat(ensure_local_model(resolve_model(model), cache_dir), name=model), "hf"

@@ -42,6 +42,21 @@ class Sample:
     samples drawn in one server request share that request's seed)."""
 
 
+@dataclass
+class TokenUsage:
+    """What a sampler's requests used, as its server reported it, over the sampler's life: what a
+    budget is charged (per-sample counts miss what several samples of one request share)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens or 0
+        self.completion_tokens += completion_tokens or 0
+
+
 class SamplingIncomplete(Exception):
     """Some requests of a `Sampler.sample` call still failed after their retries. `samples` has
     one entry per request, in order, None where it failed: the others are kept, not lost."""

@@ -35,6 +35,7 @@ from cai.backends.base import (
     TransientError,
 )
 from cai.backends.convert import ensure_local_model
+from cai.token_count import chat_token_ids
 
 # ensure_local_model is re-exported: callers load a model and build a backend from one import.
 __all__ = [
@@ -85,10 +86,9 @@ class LoadedModel:
         return self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
 
     def encode_chat(self, messages: Messages) -> list[int]:
-        """Token ids of `messages` rendered by the chat template, ending with the assistant header."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template writes its own special tokens (BOS included, where it has one).
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        """Token ids of `messages` rendered by the chat template, ending with the assistant header
+        (counted the same way by estimates: cai.token_count)."""
+        return chat_token_ids(self.tokenizer, messages)
 
     def text(self, ids: list[int], strip: bool = True) -> str:
         """Generated ids as text, special tokens dropped."""

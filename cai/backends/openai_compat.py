@@ -26,6 +26,7 @@ from cai.backends.base import (
     SampleRequest,
     SamplingIncomplete,
     SamplingParams,
+    TokenUsage,
     TransientError,
     retry_transient,
 )
@@ -37,6 +38,7 @@ from cai.backends.negotiation import (
     names_feature,
     schema_instruction,
 )
+from cai.backends.ratelimit import EndpointGate, estimate_tokens
 
 SAMPLER_RETRY = Retry()
 """Tries per policy request and the backoff between them, as the judge's defaults."""
@@ -70,19 +72,28 @@ Usage = dict[str, Any]
 
 
 async def create_completion(
-    client: openai.AsyncOpenAI, base_url: str, body: dict[str, Any]
+    client: openai.AsyncOpenAI, base_url: str, body: dict[str, Any], gate: EndpointGate | None = None
 ) -> tuple[list[Choice], Usage | None]:
     """One chat-completions request: its choices (at least one) and usage, as the server's JSON.
-    Anything else raises TransientError or PermanentError naming `base_url`.
+    Anything else raises TransientError or PermanentError naming `base_url`. With a `gate`, the
+    request waits for the endpoint's rate limits and pauses, and a 429 with Retry-After pauses
+    the whole endpoint.
 
     Through the SDK's `post`, not `chat.completions.create`: that one walks the body against its
     typed parameters and builds models of the reply, a third of the SDK's CPU per request on
     plain JSON that needs neither (transport, errors and timeouts are the same)."""
+    estimated = estimate_tokens(body) if gate is not None and gate.tpm is not None else 0
+    if gate is not None:
+        await gate.admit(estimated)
     try:
         response = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
         completion = _json_body(response)
     except (openai.OpenAIError, ValueError) as exc:
-        raise server_fault(exc, base_url) from None
+        fault = server_fault(exc, base_url)
+        wait = fault.retry_after if isinstance(fault, TransientError) else None
+        if gate is not None and isinstance(exc, openai.RateLimitError) and wait is not None:
+            gate.pause(wait)  # a 429 that says how long holds every request to the endpoint
+        raise fault from None
     choices = completion.get("choices") if isinstance(completion, dict) else None
     # A proxy's HTML page, or JSON that is not a chat completion, would crash far from here.
     if not isinstance(choices, list) or not all(_is_choice(choice) for choice in choices):
@@ -94,7 +105,10 @@ async def create_completion(
     if not choices:
         raise TransientError(f"{base_url}: the server returned no choices")
     usage = completion.get("usage")
-    return choices, usage if isinstance(usage, dict) else None
+    usage = usage if isinstance(usage, dict) else None
+    if gate is not None:
+        gate.settle(estimated, _used_tokens(usage))
+    return choices, usage
 
 
 def _json_body(response: httpx2.Response) -> Any:
@@ -153,7 +167,8 @@ class OpenAIChat:
     probabilities. While something is
     unknown, requests go one at a time and a refusal steps down and asks again at once, so it
     costs one extra request per endpoint, never a work item's attempt; after that they run
-    concurrently. `features` holds the outcome (stored with the judge by the caller)."""
+    concurrently. `features` holds the outcome (stored with the judge by the caller). `rpm` and
+    `tpm` bound the requests and tokens per minute across all of them (cai.backends.ratelimit)."""
 
     def __init__(
         self,
@@ -162,9 +177,13 @@ class OpenAIChat:
         api_key: str | None = None,
         timeout: float = 60.0,
         features: EndpointFeatures | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
     ) -> None:
         self.model = model
         self.base_url = base_url
+        self.gate = EndpointGate(rpm, tpm)
+        """Every request of this backend passes it: rate limits and 429 pauses (cai.backends.ratelimit)."""
         self.features = features or EndpointFeatures()
         self.refusals = 0
         """Requests the endpoint refused for a feature (each asked again without it)."""
@@ -247,7 +266,9 @@ class OpenAIChat:
 
     async def _ask(self, request: ChatRequest) -> ChatResult:
         response_format, logprobs = self.features.response_format, self._wants_logprobs(request)
-        choices, usage = await create_completion(self._client, self.base_url, self.request_body(request))
+        choices, usage = await create_completion(
+            self._client, self.base_url, self.request_body(request), self.gate
+        )
         if request.json_schema is not None and self.features.response_format == response_format:
             self.features.format_settled = True
         text = choices[0]["message"]["content"] or ""
@@ -343,6 +364,12 @@ def _tokens(usage: Usage | None, name: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _used_tokens(usage: Usage | None) -> int | None:
+    """Prompt plus completion tokens, as the server reported them (None when it did not)."""
+    prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
+    return None if prompt is None or completion is None else prompt + completion
+
+
 class OpenAISampler:
     """Sampler over an OpenAI-compatible server. Requests for the same conversation are sent as
     one request with `n` choices (one prefill on the server). A server that refuses `n` or
@@ -350,7 +377,8 @@ class OpenAISampler:
     is its own request with its own seed; the first such answer is awaited before the other
     conversations ask, so finding out costs one request. Each request carries a seed, which
     servers such as vLLM honour, and is retried on transient faults (`retry`, default
-    SAMPLER_RETRY) with the judge's backoff."""
+    SAMPLER_RETRY) with the judge's backoff. `rpm` and `tpm` bound the requests and tokens per
+    minute across all of them, from one `sample` call to the next (cai.backends.ratelimit)."""
 
     def __init__(
         self,
@@ -360,15 +388,20 @@ class OpenAISampler:
         timeout: float = 120.0,
         concurrency: int = 16,
         retry: Retry | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
     ) -> None:
         self.model = model
         self.base_url = base_url
+        self.gate = EndpointGate(rpm, tpm)
         self.api_key = api_key
         self.timeout = timeout
         self.concurrency = concurrency
         self.retry = retry
         self.n_supported: bool | None = None
         """Whether the endpoint honours `n` > 1; None until a request shows it."""
+        self.usage = TokenUsage()
+        """Every answered request's usage, summed (what a generation budget is charged)."""
 
     def sample(self, requests: Sequence[SampleRequest], params: SamplingParams) -> list[Sample]:
         return asyncio.run(self._sample_all(requests, params))
@@ -397,8 +430,11 @@ class OpenAISampler:
                 kwargs["n"] = len(indices)
             async with semaphore:
                 choices, usage = await retry_transient(
-                    lambda: create_completion(client, self.base_url, kwargs), retry.max_attempts, retry.delay
+                    lambda: create_completion(client, self.base_url, kwargs, self.gate),
+                    retry.max_attempts,
+                    retry.delay,
                 )
+            self.usage.add(_tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens"))
             shared = len(indices) > 1 and len(choices) > 1
             for index, choice in zip(indices, choices, strict=False):
                 results[index] = Sample(

@@ -27,7 +27,11 @@ def export(
 
     With --kind sft (an SL round): one row per revision chain, `messages` = the prompt's turns and
     the chain's final revision, with the first answer and every step as provenance; for `cai sft`
-    or `trl sft --dataset_name DIR`."""
+    or `trl sft --dataset_name DIR`.
+
+    Every snapshot carries a dataset card, README.md (constitution and principles, judges and
+    their calibration, label sources, counts, policy lineage; --license). --push-to-hub REPO
+    then uploads data, card and manifest to a Hub dataset repository in one commit."""
     if submit_job:
         submit(ctx, "export", round_id, settings)
         return
@@ -43,6 +47,11 @@ def export(
                 "path": str(result.path),
                 "manifest_sha256": digest,
                 **result.manifest,
+                **(
+                    {"hub": {"repo_url": result.hub.repo_url, "commit_url": result.hub.commit_url}}
+                    if result.hub
+                    else {}
+                ),
             }
         )
         return
@@ -56,11 +65,13 @@ def export(
             f"manifest sha256 {digest[:12]}",
             highlight=False,
         )
-        return
-    sources = ", ".join(f"{k} {v}" for k, v in counts["by_source"].items())
-    out.print(
-        f"snapshot {result.snapshot_id}{'' if result.created else ' (unchanged)'} at {result.path}: "
-        f"train {counts['train']}, "
-        f"eval {counts['eval']} (labels from {sources}; dropped: {dropped}); manifest sha256 {digest[:12]}",
-        highlight=False,
-    )
+    else:
+        sources = ", ".join(f"{k} {v}" for k, v in counts["by_source"].items())
+        out.print(
+            f"snapshot {result.snapshot_id}{'' if result.created else ' (unchanged)'} at {result.path}: "
+            f"train {counts['train']}, "
+            f"eval {counts['eval']} (labels from {sources}; dropped: {dropped}); manifest sha256 {digest[:12]}",
+            highlight=False,
+        )
+    if result.hub is not None:
+        out.print(f"pushed to {result.hub.repo_url} ({result.hub.commit_url})", highlight=False)

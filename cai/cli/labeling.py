@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from cai.cli.app import JSON_OPTION, RichProgress, err, new_app, out, print_json, workspace
+from cai.cli.estimates import ESTIMATE_OPTION, print_estimate
 from cai.cli.flags import Flags, with_settings
 from cai.cli.jobs import SUBMIT_OPTION, submit
 from cai.stages.settings import CalibrateSettings, GenerateSettings, JudgeSettings
@@ -24,12 +25,16 @@ ROUND_OPTION = typer.Option(
 judge_app = new_app("Judge a round's pairs against its constitution (both orders), then aggregate labels.")
 
 
-@with_settings(settings=Flags(GenerateSettings))
+@with_settings(
+    # Only the policy server here: its limits are plain --rpm/--tpm, as the judge's are on cai judge.
+    settings=Flags(GenerateSettings, rename={"policy_rpm": ("--rpm",), "policy_tpm": ("--tpm",)})
+)
 def generate(
     ctx: typer.Context,
     round_id: int = ROUND_OPTION,
     *,
     settings: GenerateSettings,
+    estimate: bool = ESTIMATE_OPTION,
     submit_job: bool = SUBMIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -39,12 +44,22 @@ def generate(
 
     from cai.stages.generate import run_generate
 
+    if estimate:
+        from cai.estimate import estimate_generate
+
+        print_estimate(round_id, estimate_generate(workspace(ctx), round_id, settings), as_json)
+        return
     if submit_job:
         submit(ctx, "generate", round_id, settings)
         return
 
     with RichProgress() as progress:
         stats = run_generate(workspace(ctx), round_id, settings, progress)
+    if stats.stopped_by_budget:
+        err.print(
+            f"[yellow]stopped:[/yellow] budget reached (${stats.spent_usd or 0:.4f}); "
+            "rerun to sample the rest (each run spends up to --budget)"
+        )
     if as_json:
         print_json(asdict(stats))
         return
@@ -63,6 +78,7 @@ def judge(
     round_id: int = typer.Option(None, "--round", "-r", metavar="ID", help="The round to judge."),
     *,
     settings: JudgeSettings,
+    estimate: bool = ESTIMATE_OPTION,
     submit_job: bool = SUBMIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -77,6 +93,11 @@ def judge(
         raise BadInput("--round is required (or use a subcommand: cai judge calibrate)")
     from cai.stages.judge import run_judge
 
+    if estimate:
+        from cai.estimate import estimate_judge
+
+        print_estimate(round_id, estimate_judge(workspace(ctx), round_id, settings), as_json)
+        return
     if submit_job:
         submit(ctx, "judge", round_id, settings)
         return

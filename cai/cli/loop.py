@@ -46,7 +46,7 @@ LOOP_TRAIN_FLAGS = train_config_flags(
 
 
 @with_settings(
-    generate=Flags(GenerateSettings),
+    generate=Flags(GenerateSettings, exclude=("budget", "price_in", "price_out")),  # as the judge's
     judge=LOOP_JUDGE_FLAGS,
     evaluation=Flags(EvalSettings, only=("samples", "limit"), prefix="eval-"),
     export=Flags(ExportSettings, only=("min_confidence",)),

@@ -1,12 +1,14 @@
-"""The export stage: a round's labels as a snapshot directory that TRL loads with no glue code."""
+"""The export stage: a round's labels as a snapshot directory that TRL loads with no glue code,
+with its dataset card, optionally pushed to the Hugging Face Hub."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cai.export import manifest_sha256, remove_stale_work_dirs, write_snapshot
+from cai.hub import PushResult, hub_token, push, upload_plan
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import ExportSettings
 from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
@@ -22,6 +24,8 @@ class ExportResult:
     path: Path
     manifest_sha256: str
     manifest: dict[str, Any]
+    hub: PushResult | None = None
+    """Where --push-to-hub uploaded the snapshot."""
 
 
 def default_snapshot_dir(round_id: int, artifacts: Path = Path(".")) -> Path:
@@ -32,11 +36,26 @@ def run_export(
     ws: Workspace, round_id: int, settings: ExportSettings, progress: Progress | None = None
 ) -> ExportResult:
     """Write the snapshot (files first, manifest last) and record it; a judged round becomes
-    `exported`. The same labels give the same files and the same snapshot row."""
+    `exported`. The same labels give the same files and the same snapshot row. With
+    `push_to_hub`, the snapshot is then uploaded (a missing token is refused before any work)."""
     progress = progress or Silent()
     target = settings.out or default_snapshot_dir(round_id)
+    token = hub_token() if settings.push_to_hub else None
     if settings.kind == "sft":
-        return _export_sft(ws, round_id, settings, target, progress)
+        result = _export_sft(ws, round_id, settings, target, progress)
+    else:
+        result = _export_dpo(ws, round_id, settings, target, progress)
+    if settings.push_to_hub is None or token is None:
+        return result
+    plan = upload_plan(result.path, settings.push_to_hub, settings.private)
+    progress.note(f"pushing {len(plan.files)} files to the Hub dataset {plan.repo_id}")
+    return replace(result, hub=push(plan, token))
+
+
+def _export_dpo(
+    ws: Workspace, round_id: int, settings: ExportSettings, target: Path, progress: Progress
+) -> ExportResult:
+    """An RL round's labels as a preference snapshot; the round becomes `exported`."""
     with ws.session() as session:
         check_kind(repo.get_round(session, round_id).kind, Stage.EXPORT, round_id)
         pairs = labelled_pairs(session, round_id)
@@ -45,7 +64,9 @@ def run_export(
         for leftover in remove_stale_work_dirs(target.parent):
             progress.note(f"removed {leftover}: left by an export that was killed")
         progress.task(f"round {round_id}: writing snapshot", len(pairs))
-        manifest = write_snapshot(target, pairs, provenance, settings.filters(), settings.overwrite)
+        manifest = write_snapshot(
+            target, pairs, provenance, settings.filters(), settings.overwrite, settings.license
+        )
         digest = manifest_sha256(target)
         progress.update(len(pairs), len(pairs))
         with ws.session() as session:
@@ -74,7 +95,14 @@ def _export_sft(
             progress.note(f"removed {leftover}: left by an export that was killed")
         progress.task(f"round {round_id}: writing SFT snapshot", len(round_chains))
         manifest = write_sft_snapshot(
-            target, round_chains, provenance, settings.sft_filters(), revisers, verdicts, settings.overwrite
+            target,
+            round_chains,
+            provenance,
+            settings.sft_filters(),
+            revisers,
+            verdicts,
+            settings.overwrite,
+            settings.license,
         )
         digest = manifest_sha256(target)
         progress.update(len(round_chains), len(round_chains))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 
+from cai.errors import BadInput
 from cai.generate import GenerationIncomplete, GenerationStats, pairs_for, sample_missing
+from cai.pricing import Spending, needs_prices_message
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import GenerateSettings
 from cai.stages.status import Event, Stage, advance, failure_recorded
@@ -25,6 +27,7 @@ def run_generate(
         round_ = repo.get_round(session, round_id)
         policy = repo.get_policy(session, round_.policy)
         prompts = samples.round_prompts(session, round_id, settings.limit)
+        spending = policy_spending(settings, policy.name)  # bad input before the round moves
         advance(session, round_id, Stage.GENERATE, Event.START)
     stats = GenerationStats(prompts=len(prompts))
     with failure_recorded(ws, round_id, Stage.GENERATE):
@@ -42,6 +45,7 @@ def run_generate(
                 settings.params(),
                 settings.batch_size,
                 progress,
+                spending=spending,
             )
         except GenerationIncomplete as exc:
             incomplete = exc  # pair the prompts that are complete first, then fail
@@ -56,8 +60,24 @@ def run_generate(
                 pairs = pairs_for(texts)
                 stats.identical_skipped += len(list(itertools.combinations(texts, 2))) - len(pairs)
                 stats.pairs_added += samples.add_pairs(session, round_id, prompt.id, pairs)
-            if samples.pending_samples(session, round_id, round_.policy_id) == 0:
+            left = samples.pending_samples(session, round_id, round_.policy_id)
+            if left == 0:
                 advance(session, round_id, Stage.GENERATE, Event.FINISH)
+        if spending is not None:
+            stats.spent_usd = spending.spent_usd
+            stats.stopped_by_budget = spending.exhausted and left > 0
         if incomplete is not None:
             raise incomplete
     return stats
+
+
+def policy_spending(settings: GenerateSettings, policy: str) -> Spending | None:
+    """What a run's policy tokens are charged at and against, when prices are known; a budget
+    without prices is bad input."""
+    prices = settings.prices(policy)
+    if prices is None:
+        if settings.budget is not None:
+            served = settings.backend == "openai"
+            raise BadInput(needs_prices_message(policy, served, lambda field: "--" + field.replace("_", "-")))
+        return None
+    return Spending(prices, settings.budget)

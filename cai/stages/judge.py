@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy.orm import Session
+
 from cai.calibrate import CalibrationReport, default_canaries, default_gold, load_pairs
 from cai.calibrate import calibrate as run_calibration_pairs
 from cai.constitution import parse_ref
@@ -23,7 +25,7 @@ from cai.judge_round import (
     require_calibration,
 )
 from cai.judge_round import judge_round as judge_all_phases
-from cai.judging import JudgeRun, RunStats
+from cai.judging import JudgeOptions, JudgeRun, RunStats
 from cai.stages.progress import Progress, Silent, Stopped
 from cai.stages.settings import CalibrateSettings, JudgeEndpoint, JudgeSettings
 from cai.stages.status import Event, RoundStatus, Stage, advance, check_kind, failure_recorded
@@ -96,6 +98,27 @@ def with_judge(judge: Judge, work: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(run_and_close())
 
 
+def judged_kind(session: Session, round_id: int, settings: JudgeSettings) -> str:
+    """The round's kind, once it is known to be one `settings` can judge (else BadInput)."""
+    kind = repo.get_round(session, round_id).kind
+    check_kind(kind, Stage.JUDGE, round_id)
+    if kind == "sl" and settings.mode != "pairwise":
+        raise BadInput(
+            f"mode: round {round_id} is an SL round, whose chains are judged pairwise (each final "
+            "revision against its first answer); drop --mode"
+        )
+    return kind
+
+
+def round_options(session: Session, round_id: int, options: JudgeOptions) -> JudgeOptions:
+    """`options` as this round's next judge run uses them."""
+    if repo.round_status(session, round_id)[:2] == (RoundStatus.FAILED, Stage.JUDGE):
+        # The last judge run failed (no verdict at all, say): redoing the stage redoes its
+        # failures, unparseable ones included, or a rerun would call the round judged.
+        return dataclasses.replace(options, retry_failed=True)
+    return options
+
+
 def run_judge(
     ws: Workspace, round_id: int, settings: JudgeSettings, progress: Progress | None = None
 ) -> RoundJudgement:
@@ -103,24 +126,13 @@ def run_judge(
     Fails (round `failed`, resumable) when not one request of the run got a verdict."""
     progress = progress or Silent()
     with ws.session() as session:
-        # An unknown round, or one of the other kind: bad input, before any model loads.
-        kind = repo.get_round(session, round_id).kind
-        check_kind(kind, Stage.JUDGE, round_id)
-        if kind == "sl" and settings.mode != "pairwise":
-            raise BadInput(
-                f"mode: round {round_id} is an SL round, whose chains are judged pairwise (each final "
-                "revision against its first answer); drop --mode"
-            )
+        judged_kind(session, round_id, settings)  # bad input before any model loads
     judge = open_judge(ws, settings, progress)
     if settings.min_calibration is not None:
         with ws.session() as session:
             require_calibration(session, judge.spec, judge.templates, round_id, settings.min_calibration)
-    options = ws.leased(settings.options())
     with ws.session() as session:
-        if repo.round_status(session, round_id)[:2] == (RoundStatus.FAILED, Stage.JUDGE):
-            # The last judge run failed (no verdict at all, say): redoing the stage redoes its
-            # failures, unparseable ones included, or a rerun would call the round judged.
-            options = dataclasses.replace(options, retry_failed=True)
+        options = round_options(session, round_id, ws.leased(settings.options()))
         advance(session, round_id, Stage.JUDGE, Event.START)
     with failure_recorded(ws, round_id, Stage.JUDGE):
         outcome = with_judge(

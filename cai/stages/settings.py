@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai.backends import SAMPLER_BACKENDS
+from cai.dataset_card import DEFAULT_LICENSE, LICENSE_ID
+from cai.hub import check_repo_id
 from cai.registry import EMBEDDED_MODEL
 from cai.sft import SftConfig
 from cai.train import TrainConfig
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from cai.backends.base import SamplingParams
     from cai.export import ExportFilters
     from cai.judging import JudgeOptions
+    from cai.pricing import Prices
     from cai.sft_export import SftFilters
 
 
@@ -77,6 +80,16 @@ class SamplingSettings(Settings):
     # tok/s at 48, 129-132 at 96, 127 at 144; also the claim size of a generate batch (what a
     # cancel or a crash waits for at most).
     batch_size: int = option(96, "--batch-size", ge=1, help="Prompts sampled together.")
+    policy_rpm: float | None = option(
+        None, "--policy-rpm", gt=0, allow_inf_nan=False, help="--backend openai: requests per minute."
+    )
+    policy_tpm: float | None = option(
+        None,
+        "--policy-tpm",
+        gt=0,
+        allow_inf_nan=False,
+        help="--backend openai: tokens per minute (estimated before each request: prompt + max tokens).",
+    )
 
     @field_validator("backend")
     @classmethod
@@ -102,6 +115,35 @@ class GenerateSettings(SamplingSettings):
         2, "--samples", "-n", ge=2, help="Responses per prompt; all distinct pairs are formed."
     )
     limit: int | None = option(None, "--limit", ge=1, help="Only the first K prompts of the round.")
+    budget: float | None = option(
+        None,
+        "--budget",
+        ge=0.0,
+        help="Stop cleanly once this many USD are spent on the policy's tokens; a rerun resumes.",
+    )
+    price_in: float | None = option(
+        None,
+        "--price-in",
+        envvar="CAI_POLICY_PRICE_IN",
+        ge=0.0,
+        help="USD per million prompt tokens of the policy. Default with --backend openai: the price "
+        "table's (genai-prices) for the round's policy name.",
+    )
+    price_out: float | None = option(
+        None,
+        "--price-out",
+        envvar="CAI_POLICY_PRICE_OUT",
+        ge=0.0,
+        help="USD per million completion tokens of the policy (default: as --price-in).",
+    )
+
+    def prices(self, policy: str) -> Prices | None:
+        """The given prices, else the price table's for a policy asked over an API (cai.pricing):
+        the policy's name is the model the server is asked for."""
+        from cai.pricing import resolve_prices
+
+        served = self.backend == "openai"
+        return resolve_prices(self.price_in, self.price_out, policy, self.base_url, served=served)
 
 
 class ReviseSettings(SamplingSettings):
@@ -172,6 +214,22 @@ class JudgeEndpoint(Settings):
         help=f"Judge model name (in-process default: {EMBEDDED_MODEL}).",
     )
     concurrency: int = option(16, "--concurrency", ge=1, help="Judge requests in flight at once.")
+    rpm: float | None = option(
+        None,
+        "--rpm",
+        envvar="CAI_JUDGE_RPM",
+        gt=0,
+        allow_inf_nan=False,
+        help="Judge requests per minute to the endpoint, across all concurrent ones (a steady rate).",
+    )
+    tpm: float | None = option(
+        None,
+        "--tpm",
+        envvar="CAI_JUDGE_TPM",
+        gt=0,
+        allow_inf_nan=False,
+        help="Judge tokens per minute, each request estimated before it is sent (prompt + --max-tokens).",
+    )
     timeout: float = option(60.0, "--timeout", ge=0.1, help="Seconds per judge request.")
     max_attempts: int = option(
         4, "--max-attempts", ge=1, help="Tries per item before it is recorded as failed."
@@ -281,14 +339,15 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
         "--price-in",
         envvar="CAI_JUDGE_PRICE_IN",
         ge=0.0,
-        help="USD per million prompt tokens (for cost).",
+        help="USD per million prompt tokens (for cost). Default: the price table's (genai-prices) for "
+        "a judge behind --judge-base-url.",
     )
     price_out: float | None = option(
         None,
         "--price-out",
         envvar="CAI_JUDGE_PRICE_OUT",
         ge=0.0,
-        help="USD per million completion tokens.",
+        help="USD per million completion tokens (default: the price table's, as --price-in).",
     )
     min_calibration: float | None = option(
         None,
@@ -305,15 +364,26 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
 
     @model_validator(mode="after")
     def _priced_budget(self) -> JudgeSettings:
-        if self.budget is not None and self.price_in is None and self.price_out is None:
-            raise ValueError("`budget` needs prices: `price_in`/`price_out` (USD per million tokens)")
+        if self.budget is not None and self.prices() is None:
+            from cai.pricing import needs_prices_message
+
+            model, served = self.resolved_model(), bool(self.judge_base_url)
+            raise ValueError(needs_prices_message(model, served, lambda field: f"`{field}`"))
         return self
 
+    def prices(self) -> Prices | None:
+        """The given prices, else the price table's for a judge behind an API (cai.pricing)."""
+        from cai.pricing import resolve_prices
+
+        model, base_url = self.resolved_model(), self.judge_base_url
+        return resolve_prices(self.price_in, self.price_out, model, base_url, served=bool(base_url))
+
     def options(self) -> JudgeOptions:
+        prices = self.prices()
         return self.judge_options(
             budget_usd=self.budget,
-            price_in_per_mtok=self.price_in,
-            price_out_per_mtok=self.price_out,
+            price_in_per_mtok=prices.input_per_mtok if prices else None,
+            price_out_per_mtok=prices.output_per_mtok if prices else None,
             retry_failed=self.retry_failed,
             rules_first=self.rules_first,
             max_judge_pairs=self.max_judge_pairs,
@@ -374,11 +444,45 @@ class ExportSettings(Settings):
         "(judge the SL round first: cai judge --round ID).",
     )
     overwrite: bool = option(False, "--overwrite", help="Replace a different snapshot already at --out.")
+    license: str = option(
+        DEFAULT_LICENSE,
+        "--license",
+        help="The dataset card's license, as a Hub license id (apache-2.0, cc-by-4.0, other...); "
+        "'unknown' says the terms were not stated.",
+    )
+    push_to_hub: str | None = option(
+        None,
+        "--push-to-hub",
+        help="Then upload the snapshot (data, card, manifest) to this Hub dataset repository, "
+        "owner/name, in one commit. Needs a token: HF_TOKEN or `hf auth login`.",
+    )
+    private: bool = option(False, "--private", help="With --push-to-hub: create the repository private.")
 
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
         return one_of(value, ("dpo", "sft"))
+
+    @field_validator("license")
+    @classmethod
+    def _license_id(cls, value: str) -> str:
+        if not LICENSE_ID.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a Hub license id (lowercase letters, digits, '.', '+' and '-', "
+                "e.g. apache-2.0, cc-by-4.0, other)"
+            )
+        return value
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
+    @model_validator(mode="after")
+    def _private_needs_a_repo(self) -> ExportSettings:
+        if self.private and self.push_to_hub is None:
+            raise ValueError("`private` applies to the repository that `push_to_hub` creates: give both")
+        return self
 
     @model_validator(mode="after")
     def _options_of_kind(self) -> ExportSettings:

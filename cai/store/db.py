@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -125,8 +125,22 @@ def _has_foreign_tables(engine: Engine) -> bool:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: committed on success, rolled back on any error (bad input changes nothing)."""
+def session_scope(engine: Engine | Connection) -> Iterator[Session]:
+    """One transaction: committed on success, rolled back on any error (bad input changes nothing).
+    On a connection already in a transaction, the session joins it and its owner decides."""
     factory = sessionmaker(engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def rolled_back(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction that is rolled back at the end, whatever happens. Sessions
+    opened on it (session_scope) join that transaction: code that plans and claims work runs
+    as it would, and nothing it wrote is kept (an estimate)."""
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            yield connection
+        finally:
+            transaction.rollback()

@@ -329,7 +329,7 @@ def policy_lineages(session: Session) -> list[PolicyLineage]:
             name=row.name,
             model_ref=row.model_ref,
             parent=rows[row.parent_id].name if row.parent_id in rows else None,
-            lineage=_lineage(row, rows.get),
+            lineage=[r.name for r in _ancestry(row, rows.get)],
             trained_in_round=trained_in.get(row.id),
             snapshot_sha256=row.snapshot_sha256,
             constitution=refs.get(row.constitution_id) if row.constitution_id else None,
@@ -373,19 +373,26 @@ class RoundRecord:
 
 def policy_lineage(session: Session, policy_id: int) -> list[str]:
     """Names from the base model to the policy `policy_id`."""
-    return _lineage(session.get_one(PolicyRow, policy_id), lambda id_: session.get(PolicyRow, id_))
+    return [row.name for row in lineage_rows(session, policy_id)]
 
 
-def _lineage(policy: PolicyRow, parent: Callable[[int], PolicyRow | None]) -> list[str]:
-    names, seen = [policy.name], {policy.id}
+def lineage_rows(session: Session, policy_id: int) -> list[PolicyRow]:
+    """The policy `policy_id` and its ancestors, base model first."""
+    return _ancestry(session.get_one(PolicyRow, policy_id), lambda id_: session.get(PolicyRow, id_))
+
+
+def _ancestry(policy: PolicyRow, parent: Callable[[int], PolicyRow | None]) -> list[PolicyRow]:
+    """`policy` and its parents, base model first; a cycle (the schema does not forbid one) or a
+    missing parent ends the walk."""
+    rows, seen = [policy], {policy.id}
     while policy.parent_id is not None and policy.parent_id not in seen:
         found = parent(policy.parent_id)
         if found is None:
             break
         policy = found
-        names.append(policy.name)
+        rows.append(policy)
         seen.add(policy.id)
-    return names[::-1]
+    return rows[::-1]
 
 
 def create_round(

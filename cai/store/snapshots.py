@@ -3,7 +3,7 @@ provenance a snapshot row carries, and the snapshots table."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, aliased
 from cai.errors import NotFound
 from cai.judge import Verdict, prob_a
 from cai.store.models import (
+    CalibrationRow,
     ConstitutionRow,
     JudgeRow,
     JudgmentRow,
@@ -23,7 +24,9 @@ from cai.store.models import (
     ResponseRow,
     RoundRow,
     SnapshotRow,
+    TrainingRunRow,
 )
+from cai.store.repo import lineage_rows
 from cai.store.samples import EVAL_KIND
 
 
@@ -148,10 +151,25 @@ def labelled_pairs(session: Session, round_id: int) -> list[LabelledPair]:
 
 @dataclass(frozen=True)
 class RoundProvenance:
+    """Where a round's data came from: what a snapshot's manifest records (the first four
+    fields) and what its dataset card adds (the rest, defaulted so a bare one still renders)."""
+
     round_id: int
     constitution: dict[str, Any]
     policy: dict[str, Any]
     judges: list[dict[str, Any]]
+    kind: str = "rl"
+    """The round's kind: 'rl' (preference pairs) or 'sl' (revision chains)."""
+    description: str = ""
+    """The constitution's description."""
+    principles: list[dict[str, Any]] = field(default_factory=list)
+    """The constitution's principles in file order: key, kind, weight, text (the critique)."""
+    judge_details: list[dict[str, Any]] = field(default_factory=list)
+    """Per judge of `judges`, in the same order: its identity parameters and template hash, and
+    its latest calibration under this constitution (None when it was never calibrated)."""
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    """The round's policy, then its parent, back to the base model; each with the training run
+    (round, run, method, snapshot) that made it, when one did."""
 
 
 def round_provenance(session: Session, round_id: int) -> RoundProvenance:
@@ -161,9 +179,20 @@ def round_provenance(session: Session, round_id: int) -> RoundProvenance:
     judge_ids = select(LabelRow.judge_id).where(
         LabelRow.pair_id.in_(select(PairRow.id).where(PairRow.round_id == round_id))
     )
+    judge_rows = list(
+        session.scalars(select(JudgeRow).where(JudgeRow.id.in_(judge_ids)).order_by(JudgeRow.id))
+    )
     judges = [
         {"backend": j.backend, "model": j.model, "mode": j.mode, "config_sha256": j.config_sha256}
-        for j in session.scalars(select(JudgeRow).where(JudgeRow.id.in_(judge_ids)).order_by(JudgeRow.id))
+        for j in judge_rows
+    ]
+    principles = [
+        {"key": p.key, "kind": p.kind, "weight": p.weight, "text": p.critique}
+        for p in session.scalars(
+            select(PrincipleRow)
+            .where(PrincipleRow.constitution_id == constitution.id)
+            .order_by(PrincipleRow.position)
+        )
     ]
     return RoundProvenance(
         round_id=round_id,
@@ -174,7 +203,61 @@ def round_provenance(session: Session, round_id: int) -> RoundProvenance:
         },
         policy={"name": policy.name, "model_ref": policy.model_ref, "parent_id": policy.parent_id},
         judges=judges,
+        kind=round_row.kind,
+        description=constitution.description,
+        principles=principles,
+        # base_url is left out: it is not the judge's identity, and may name a private host.
+        judge_details=[
+            {
+                "params": j.params,
+                "template_sha256": j.template_sha256,
+                "calibration": _latest_calibration(session, j.id, constitution.id),
+            }
+            for j in judge_rows
+        ],
+        lineage=policy_lineage(session, policy),
     )
+
+
+def _latest_calibration(session: Session, judge_id: int, constitution_id: int) -> dict[str, Any] | None:
+    row = session.scalar(
+        select(CalibrationRow)
+        .where(CalibrationRow.judge_id == judge_id, CalibrationRow.constitution_id == constitution_id)
+        .order_by(CalibrationRow.id.desc())
+        .limit(1)
+    )
+    if row is None:
+        return None
+    return {
+        "accuracy": row.accuracy,
+        "consistency": row.consistency,
+        "injection_follow_rate": row.injection_follow_rate,
+        "pairs": row.pairs,
+        "gold_sha256": row.gold_sha256,
+    }
+
+
+def policy_lineage(session: Session, policy: PolicyRow) -> list[dict[str, Any]]:
+    """`policy`, then its parent, and so on back to the base model. Each with the manifest sha256
+    of the snapshot it was trained on and the run that made it (the latest finished one whose
+    output it is: id, round, method); None for a base model."""
+    chain = []
+    for current in reversed(lineage_rows(session, policy.id)):
+        run = session.execute(
+            select(TrainingRunRow.id, TrainingRunRow.round_id, TrainingRunRow.method)
+            .where(TrainingRunRow.output_policy_id == current.id, TrainingRunRow.status == "done")
+            .order_by(TrainingRunRow.id.desc())
+            .limit(1)
+        ).first()
+        chain.append(
+            {
+                "name": current.name,
+                "model_ref": current.model_ref,
+                "snapshot_sha256": current.snapshot_sha256,
+                "trained_by": None if run is None else {"run": run[0], "round": run[1], "method": run[2]},
+            }
+        )
+    return chain
 
 
 def record_snapshot(
