@@ -126,8 +126,10 @@ class Workspace:
             cache_dir=self.cache_dir,
             rpm=endpoint.rpm,
             tpm=endpoint.tpm,
+            pool=endpoint.pool_endpoints(),
+            concurrency=endpoint.concurrency,
         )
-        spec = JudgeSpec(kind, model, endpoint.judge_base_url, endpoint.identity_params())
+        spec = JudgeSpec(kind, model, endpoint.served_url(), endpoint.identity_params())
         warning = EMBEDDED_JUDGE_WARNING if kind == "hf" and model == EMBEDDED_MODEL else None
         return Judge(backend, spec, self.templates, warning)
 
@@ -136,8 +138,9 @@ class Workspace:
         without loading or calling it: for estimates."""
         from cai.judge_round import JudgeSpec
 
-        kind = "openai" if endpoint.judge_base_url else "hf"  # make_judge's choice of backend
-        return JudgeSpec(kind, endpoint.resolved_model(), endpoint.judge_base_url, endpoint.identity_params())
+        served = endpoint.served_url()
+        kind = "openai" if served else "hf"  # make_judge's choice of backend
+        return JudgeSpec(kind, endpoint.resolved_model(), served, endpoint.identity_params())
 
     def leased(self, options: JudgeOptions) -> JudgeOptions:
         """Judge options with this workspace's claim lease, when it has one."""

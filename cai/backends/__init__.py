@@ -3,11 +3,16 @@ one. Implementations are imported on demand: torch loads only when an in-process
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cai.backends.base import ChatBackend, Sampler
 from cai.errors import BadInput
 from cai.registry import EMBEDDED_MODEL, resolve_model
+
+if TYPE_CHECKING:
+    from cai.backends.pool import PoolEndpoint
 
 SAMPLER_BACKENDS = ("hf", "openai", "vllm")
 
@@ -63,9 +68,25 @@ def make_judge(
     cache_dir: Path | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
+    pool: Sequence[PoolEndpoint] = (),
+    concurrency: int = 16,
 ) -> tuple[ChatBackend, str]:
-    """The judge backend and its kind ('openai' with a base URL, else 'hf' in-process). `rpm`
-    and `tpm` limit a server's requests and tokens per minute (an in-process judge has none)."""
+    """The judge backend and its kind: 'openai' with a base URL, or over a `pool` of endpoints
+    (each with its own concurrency, else `concurrency`), else 'hf' in-process. `rpm` and `tpm`
+    limit each server's requests and tokens per minute (an in-process judge has none)."""
+    if pool:
+        from cai.backends.openai_compat import OpenAIChat
+        from cai.backends.pool import PooledChat
+
+        members = [
+            (
+                e.url,
+                OpenAIChat(e.url, model, api_key=api_key, timeout=timeout, rpm=rpm, tpm=tpm),
+                e.concurrency or concurrency,
+            )
+            for e in pool
+        ]
+        return PooledChat(members, model), "openai"
     if base_url:
         from cai.backends.openai_compat import OpenAIChat
 

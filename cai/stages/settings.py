@@ -21,6 +21,7 @@ from cai.train import TrainConfig
 
 if TYPE_CHECKING:
     from cai.backends.base import SamplingParams
+    from cai.backends.pool import PoolEndpoint
     from cai.export import ExportFilters
     from cai.judging import JudgeOptions
     from cai.pricing import Prices
@@ -213,6 +214,14 @@ class JudgeEndpoint(Settings):
         envvar="CAI_JUDGE_MODEL",
         help=f"Judge model name (in-process default: {EMBEDDED_MODEL}).",
     )
+    judge_pool: Path | None = option(
+        None,
+        "--judge-pool",
+        envvar="CAI_JUDGE_POOL",
+        help="Instead of --judge-base-url: a YAML file of OpenAI-compatible endpoints serving the same "
+        "judge model (endpoints: [{url: ..., concurrency: N}]). Requests spread over them, one that "
+        "keeps failing is set aside and retried later, and they are one judge.",
+    )
     concurrency: int = option(16, "--concurrency", ge=1, help="Judge requests in flight at once.")
     rpm: float | None = option(
         None,
@@ -260,7 +269,24 @@ class JudgeEndpoint(Settings):
     def _model_for_server(self) -> JudgeEndpoint:
         if self.judge_base_url and not self.judge_model:
             raise ValueError("`judge_model` is required with `judge_base_url`")
+        if self.judge_pool is not None:
+            if self.judge_base_url:
+                raise ValueError("give `judge_base_url` or `judge_pool`, not both")
+            if not self.judge_model:
+                raise ValueError("`judge_model` is required with `judge_pool`")
+            self.pool_endpoints()  # a bad pool file is refused (exit 2) before anything runs
         return self
+
+    def pool_endpoints(self) -> list[PoolEndpoint]:
+        """The endpoints of `judge_pool` (none without one)."""
+        from cai.backends.pool import load_pool
+
+        return load_pool(self.judge_pool) if self.judge_pool is not None else []
+
+    def served_url(self) -> str | None:
+        """Where the judge is served: its base URL, the pool's first endpoint, or None (in-process)."""
+        pool = self.pool_endpoints()
+        return self.judge_base_url or (pool[0].url if pool else None)
 
     @field_validator("reasoning")
     @classmethod
@@ -367,7 +393,7 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
         if self.budget is not None and self.prices() is None:
             from cai.pricing import needs_prices_message
 
-            model, served = self.resolved_model(), bool(self.judge_base_url)
+            model, served = self.resolved_model(), bool(self.served_url())
             raise ValueError(needs_prices_message(model, served, lambda field: f"`{field}`"))
         return self
 
@@ -375,7 +401,7 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
         """The given prices, else the price table's for a judge behind an API (cai.pricing)."""
         from cai.pricing import resolve_prices
 
-        model, base_url = self.resolved_model(), self.judge_base_url
+        model, base_url = self.resolved_model(), self.served_url()
         return resolve_prices(self.price_in, self.price_out, model, base_url, served=bool(base_url))
 
     def options(self) -> JudgeOptions:
