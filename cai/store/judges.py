@@ -86,6 +86,7 @@ class CalibrationRecord:
     injection_follow_rate: float | None
     pairs: int
     created_at: Any
+    gold_sha256: str | None = None
 
 
 def save_calibration(session: Session, judge_id: int, constitution_id: int, report: Any) -> CalibrationRecord:
@@ -102,7 +103,7 @@ def save_calibration(session: Session, judge_id: int, constitution_id: int, repo
     session.add(row)
     session.flush()
     return CalibrationRecord(
-        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
+        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at, row.gold_sha256
     )
 
 
@@ -116,7 +117,7 @@ def latest_calibration(session: Session, judge_id: int, constitution_id: int) ->
     if row is None:
         return None
     return CalibrationRecord(
-        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at
+        row.accuracy, row.consistency, row.injection_follow_rate, row.pairs, row.created_at, row.gold_sha256
     )
 
 

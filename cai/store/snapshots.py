@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session, aliased
 
 from cai.errors import NotFound
 from cai.judge import Verdict, prob_a
+from cai.store import judges
 from cai.store.models import (
-    CalibrationRow,
     ConstitutionRow,
     JudgeRow,
     JudgmentRow,
@@ -220,20 +220,15 @@ def round_provenance(session: Session, round_id: int) -> RoundProvenance:
 
 
 def _latest_calibration(session: Session, judge_id: int, constitution_id: int) -> dict[str, Any] | None:
-    row = session.scalar(
-        select(CalibrationRow)
-        .where(CalibrationRow.judge_id == judge_id, CalibrationRow.constitution_id == constitution_id)
-        .order_by(CalibrationRow.id.desc())
-        .limit(1)
-    )
-    if row is None:
+    record = judges.latest_calibration(session, judge_id, constitution_id)
+    if record is None:
         return None
     return {
-        "accuracy": row.accuracy,
-        "consistency": row.consistency,
-        "injection_follow_rate": row.injection_follow_rate,
-        "pairs": row.pairs,
-        "gold_sha256": row.gold_sha256,
+        "accuracy": record.accuracy,
+        "consistency": record.consistency,
+        "injection_follow_rate": record.injection_follow_rate,
+        "pairs": record.pairs,
+        "gold_sha256": record.gold_sha256,
     }
 
 
