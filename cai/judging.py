@@ -233,7 +233,7 @@ class JudgeRun:
         # A slot frees when its result is written, not when it arrives: a killed run then loses
         # at most `concurrency` answered-or-asked requests.
         while (item := await self._next_item()) is not None:
-            await self._store(self._collect(*await self._judge(item)))
+            await self._store(self.collect(*await self._judge(item)))
 
     async def _next_item(self) -> queue.WorkItem | None:
         """The next claimed item, claiming more in the background as the buffer runs low; None
@@ -322,8 +322,13 @@ class JudgeRun:
         outcome = await judge_once(self.backend, request, parse, self.options)
         return item, outcome, rendered.request_sha256
 
-    def _collect(self, item: queue.WorkItem, outcome: Outcome, request_sha256: str) -> queue.JudgmentResult:
+    def collect(
+        self, item: queue.WorkItem, outcome: Outcome, request_sha256: str, price_factor: float = 1.0
+    ) -> queue.JudgmentResult:
+        """The result to record for `item`, counted in the run's stats (its cost at the prices
+        times `price_factor`: the Batch API's discount)."""
         cost = self.options.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        cost = cost * price_factor if cost is not None else None
         self.stats.spent_usd += cost or 0.0
         if outcome.parsed is not None:
             self.stats.judged += 1

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import openai
 
 from cai.token_count import TokenCounter
+from tests.fake_batches import FakeBatches
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake = self.server.fake
-        if self.path.split("?")[0].rstrip("/") == "/v1/models":
+        path = self.path.split("?")[0].rstrip("/")
+        if path.startswith(("/v1/batches", "/v1/files")):
+            self._batch_api_reply(*fake.batch_api.get(path))
+        elif path == "/v1/models":
             model = {"id": fake.model, "object": "model", "created": 0, "owned_by": "cai-tests"}
             self._json(200, {"object": "list", "data": [model]})
         else:
@@ -316,7 +320,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         fake = self.server.fake
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
+        path = self.path.split("?")[0].rstrip("/")
+        if path.startswith(("/v1/batches", "/v1/files")):
+            content_type = self.headers.get("Content-Type") or ""
+            self._batch_api_reply(*fake.batch_api.post(path, content_type, raw))
+            return
+        if path != "/v1/chat/completions":
             self._json(404, _error_body(404, f"unknown path {self.path}"))
             return
         try:
@@ -382,6 +391,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, _error_body(500, f"responder raised {type(exc).__name__}: {exc}"))
             return
         self._json(200, fake._completion(request, contents))
+
+    def _batch_api_reply(self, code: int, body: Any) -> None:
+        if isinstance(body, bytes):  # a file's content
+            self._send(code, body, {"Content-Type": "application/octet-stream"})
+        else:
+            self._json(code, body)
 
     def _json(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self._send(code, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})})
@@ -470,6 +485,8 @@ class FakeOpenAI:
         self._closing = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.batch_api = FakeBatches(self)
+        """The Files and Batch API (tests/fake_batches.py)."""
 
     # -- lifecycle
 
@@ -631,6 +648,23 @@ class FakeOpenAI:
         with self._lock:
             self._arrivals.append(Arrival(at, request, queued))
         return queued
+
+    def _answer(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(status, body) for one chat-completions request of a batch's input file, as the
+        endpoint would answer it: its refusals, the next queued status or garbage fault, else
+        the responder."""
+        fault = self._admit(request)
+        try:
+            refusal = self._refusal(request)
+            if refusal is not None:
+                return refusal[0], _error_body(*refusal)
+            if fault is not None and fault.kind == "status":
+                return fault.code, _error_body(fault.code, fault.text or f"injected fault: HTTP {fault.code}")
+            if fault is not None and fault.kind in ("garbage", "bad_verdict"):
+                return 200, self._completion(request, [fault.text])
+            return 200, self._completion(request, [self.responder(request)])
+        finally:
+            self._leave()
 
     def _leave(self) -> None:
         with self._lock:

@@ -96,7 +96,7 @@ async def create_completion(
         raise fault from None
     choices = completion.get("choices") if isinstance(completion, dict) else None
     # A proxy's HTML page, or JSON that is not a chat completion, would crash far from here.
-    if not isinstance(choices, list) or not all(_is_choice(choice) for choice in choices):
+    if not isinstance(choices, list) or not all(is_choice(choice) for choice in choices):
         content_type = response.headers.get("content-type", "no content type").split(";")[0]
         raise TransientError(
             f"{base_url}: HTTP {response.status_code} ({content_type}) is not a chat completion: "
@@ -122,7 +122,7 @@ def _json_body(response: httpx2.Response) -> Any:
         return None
 
 
-def _is_choice(choice: Any) -> bool:
+def is_choice(choice: Any) -> bool:
     message = choice.get("message") if isinstance(choice, dict) else None
     return isinstance(message, dict) and isinstance(message.get("content"), str | None)
 
@@ -221,16 +221,16 @@ class OpenAIChat:
                     self.features = before
                 raise
 
-    def _wants_logprobs(self, request: ChatRequest) -> bool:
+    def wants_logprobs(self, request: ChatRequest) -> bool:
         return bool(request.choice_field and request.choices) and self.features.logprobs is not False
 
     def _unknown(self, request: ChatRequest) -> bool:
         format_unknown = request.json_schema is not None and not self.features.format_settled
-        return format_unknown or (self._wants_logprobs(request) and self.features.logprobs is None)
+        return format_unknown or (self.wants_logprobs(request) and self.features.logprobs is None)
 
     def _step_down(self, request: ChatRequest, exc: BadRequest | ServerFault) -> bool:
         """Stop asking for what `exc` refused; False when nothing is left to give up."""
-        if not self.features.step_down(exc.detail, self._wants_logprobs(request)):
+        if not self.features.step_down(exc.detail, self.wants_logprobs(request)):
             return False
         self.refusals += 1
         return True
@@ -260,21 +260,30 @@ class OpenAIChat:
                 body["response_format"] = {"type": "json_object", "schema": request.json_schema["schema"]}
             elif response_format == "json_object":
                 body["response_format"] = {"type": "json_object"}
-        if self._wants_logprobs(request):
+        if self.wants_logprobs(request):
             body |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
         return body | {"messages": messages}
 
     async def _ask(self, request: ChatRequest) -> ChatResult:
-        response_format, logprobs = self.features.response_format, self._wants_logprobs(request)
+        response_format, logprobs = self.features.response_format, self.wants_logprobs(request)
         choices, usage = await create_completion(
             self._client, self.base_url, self.request_body(request), self.gate
         )
         if request.json_schema is not None and self.features.response_format == response_format:
             self.features.format_settled = True
+        if logprobs and self.features.logprobs is None:
+            # A server may ignore the parameter.
+            self.features.logprobs = _token_logprobs(choices[0]) is not None
+        return self.chat_result(choices, usage, request, logprobs)
+
+    def chat_result(
+        self, choices: list[Choice], usage: Usage | None, request: ChatRequest, logprobs: bool
+    ) -> ChatResult:
+        """A completion's first choice as a ChatResult: its text, usage, and (when `logprobs`
+        were asked for and came) the probabilities of the request's choices. Also for the
+        completions a Batch API output file holds (cai.judge_batch)."""
         text = choices[0]["message"]["content"] or ""
         tokens = _token_logprobs(choices[0]) if logprobs else None
-        if logprobs and self.features.logprobs is None:
-            self.features.logprobs = tokens is not None  # a server may ignore the parameter
         probs = None
         if tokens is not None and request.choice_field:
             probs = choice_probs_from_logprobs(text, tokens, request.choice_field, request.choices)
@@ -284,6 +293,11 @@ class OpenAIChat:
             completion_tokens=_tokens(usage, "completion_tokens"),
             choice_probs=probs,
         )
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client (files and batches go through it too)."""
+        return self._client
 
     async def aclose(self) -> None:
         await self._client.close()

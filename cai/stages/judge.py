@@ -78,6 +78,15 @@ def progress_runner(progress: Progress, round_id: int) -> Runner:
     return run
 
 
+def judge_runner(settings: JudgeSettings, progress: Progress, round_id: int) -> Runner:
+    """Request by request, or each phase as one Batch API job (`--batch`)."""
+    if settings.batch:
+        from cai.judge_batch import BatchRunner
+
+        return BatchRunner(settings.batch_poll_s, progress.note)
+    return progress_runner(progress, round_id)
+
+
 def open_judge(ws: Workspace, settings: JudgeEndpoint, progress: Progress) -> Judge:
     judge = ws.judge(settings)
     if judge.warning:
@@ -146,7 +155,7 @@ def run_judge(
                 options,
                 Claimant(ws.worker_id, progress.stop_requested),
                 settings.mode,
-                progress_runner(progress, round_id),
+                judge_runner(settings, progress, round_id),
             ),
         )
         stats = outcome.stats

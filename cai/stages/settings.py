@@ -382,6 +382,24 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
         le=1.0,
         help="Refuse a judge whose calibrated accuracy is below this.",
     )
+    batch: bool = option(
+        False,
+        "--batch",
+        help="Send each phase's pending judgments as one OpenAI Batch API job (half price at OpenAI, "
+        "answered within 24 h) instead of request by request, and wait for it; a rerun resumes a "
+        "submitted batch rather than sending another. Needs --judge-base-url.",
+    )
+    batch_poll_s: float = option(
+        30.0, "--batch-poll", gt=0, allow_inf_nan=False, help="Seconds between a batch's status checks."
+    )
+
+    @model_validator(mode="after")
+    def _batch_endpoint(self) -> JudgeSettings:
+        if self.batch and not self.judge_base_url:
+            raise ValueError("`batch` needs `judge_base_url`: one endpoint that serves /v1/batches")
+        if self.batch and self.budget is not None:
+            raise ValueError("`budget` cannot stop a batch midway (all of it is sent at once): drop one")
+        return self
 
     @field_validator("mode")
     @classmethod

@@ -450,6 +450,44 @@ class GenerationItemRow(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
+BATCH_STATUSES = ("submitting", "submitted", "ingested")
+
+
+class JudgeBatchRow(Created, Base):
+    """A phase's pending judgments sent as one OpenAI Batch API job (`cai judge --batch`). The
+    judgments are claimed by the batch's own worker name (`batch:<id>`) for as long as a batch
+    may take, and recorded from its output file through the same keyed path as online results;
+    whatever the batch did not answer (expired, cancelled) is given back. The row is written
+    before the upload, so a rerun after a kill finds the remote batch (by its metadata) rather
+    than submitting a second one."""
+
+    __tablename__ = "judge_batches"
+    __table_args__ = (
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in BATCH_STATUSES) + ")", name="status"),
+        Index("ix_judge_batches_round_judge", "round_id", "judge_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    judge_id: Mapped[int] = mapped_column(ForeignKey("judges.id"))
+    phase: Mapped[str] = mapped_column(String(16))
+    base_url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="submitting")
+    remote_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(128))
+    remote_status: Mapped[str | None] = mapped_column(String(32))
+    """The Batch API's last status (validating, in_progress, completed, expired, cancelled...)."""
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    answered: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    released: Mapped[int] = mapped_column(Integer, default=0)
+    """Judgments the batch did not answer, given back to be judged again."""
+
+    @property
+    def worker(self) -> str:
+        return f"batch:{self.id}"
+
+
 ROLES = ("viewer", "annotator", "operator", "admin")
 """API roles, each allowed what the ones before it are (cai.auth.Role)."""
 

@@ -370,6 +370,15 @@ def _claimed_items() -> Any:
     )
 
 
+def claimed_by(session: Session, worker: str) -> list[WorkItem]:
+    """The unfinished judgments `worker` holds, as work items (a batch's, to ingest its output)."""
+    connection = session.connection()
+    ids = connection.scalars(
+        select(JudgmentRow.id).where(JudgmentRow.claimed_by == worker, JudgmentRow.status == "pending")
+    ).all()
+    return [WorkItem(*row) for row in connection.execute(_claimed_items(), {"ids": list(ids)})] if ids else []
+
+
 def release(session: Session, worker: str) -> int:
     """Give back this worker's unfinished judgments (clean stop, budget reached)."""
     return claims.release(session, JudgmentRow, worker)
