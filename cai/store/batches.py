@@ -40,11 +40,3 @@ def start_batch(session: Session, round_id: int, judge_id: int, phase: str, base
     session.add(row)
     session.flush()
     return row
-
-
-def round_batches(session: Session, round_id: int) -> list[JudgeBatchRow]:
-    return list(
-        session.scalars(
-            select(JudgeBatchRow).where(JudgeBatchRow.round_id == round_id).order_by(JudgeBatchRow.id)
-        )
-    )
