@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai.allocator import freed_memory_kept
+from cai.config import config_from_file
 from cai.errors import BadInput
 from cai.trackers import TrackedRun, known_trackers, tensorboard_flag_as_report_to
 from cai.train import (
@@ -17,7 +18,6 @@ from cai.train import (
     TrainResult,
     callbacks,
     check_optional_dependencies,
-    config_from_file,
     is_main_process,
     last_complete_checkpoint,
     load_snapshot,

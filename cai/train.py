@@ -14,13 +14,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai.allocator import freed_memory_kept
 from cai.confidence_loss import ConfidenceMode
+from cai.config import config_from_file
 from cai.errors import BadInput
 from cai.trackers import (
     TrackedRun,
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from cai.sft import SftConfig
 
 OnLog = Callable[[int, dict[str, float]], None]
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
 SPLITS = ("train", "eval")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR-<global step>
 INCOMPLETE_DIR = "incomplete-checkpoints"
@@ -160,33 +159,6 @@ def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
     are None are ignored, so a CLI can pass its unset options through. Raises BadInput naming the
     file and every bad field."""
     return config_from_file(TrainConfig, path, "train config", overrides)
-
-
-def config_from_file(
-    config_class: type[ConfigT], path: Path | None, name: str, overrides: dict[str, Any]
-) -> ConfigT:
-    """`config_class` from a YAML or JSON file with `overrides` on top (see load_config)."""
-    where = str(path) if path is not None else name
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise BadInput(f"{path}: cannot read: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise BadInput(f"{path}: not valid YAML or JSON: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise BadInput(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-        values = dict(loaded or {})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return config_class(**values)
-    except ValidationError as e:
-        problems = [
-            f"{where}: {'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}"
-            for err in e.errors()
-        ]
-        raise BadInput("\n".join(problems), problems) from None
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cai.backends.base import ChatBackend, ChatRequest, ChatResult, TransientError
+from cai.config import config_from_file
 from cai.errors import BadInput
 
 FAILURES_TO_SET_ASIDE = 3
@@ -47,20 +47,7 @@ class PoolFile(BaseModel):
 def load_pool(path: Path) -> list[PoolEndpoint]:
     """The endpoints of a pool file (YAML or JSON: `endpoints: [{url, concurrency}]`); BadInput
     naming the file and field for anything else, and for an endpoint listed twice."""
-    try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read the judge pool file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML or JSON: {exc}") from None
-    try:
-        endpoints = PoolFile.model_validate(loaded).endpoints
-    except ValidationError as exc:
-        problems = [
-            f"{path}: {'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
-            for err in exc.errors()
-        ]
-        raise BadInput("\n".join(problems), problems) from None
+    endpoints = config_from_file(PoolFile, path, "judge pool", {}).endpoints
     urls = [e.url.rstrip("/") for e in endpoints]
     repeated = sorted({u for u in urls if urls.count(u) > 1})
     if repeated:
