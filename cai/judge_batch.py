@@ -42,6 +42,8 @@ from cai.store.models import JudgeBatchRow
 
 BATCH_LEASE_S = 26 * 3600.0
 """How long a batch holds its judgments: its 24-hour completion window, and time to ingest."""
+MAX_BATCH_REQUESTS = 50_000
+"""Requests per batch at most (OpenAI's limit); a larger phase goes out in several, in turn."""
 BATCH_PRICE_FACTOR = 0.5
 """The Batch API's price against the same requests made one by one (OpenAI's: half)."""
 ENDED = ("completed", "expired", "cancelled", "failed")
@@ -54,19 +56,33 @@ def custom_id(judgment_id: int) -> str:
 
 @dataclass
 class BatchRunner:
-    """A judge_round Runner that judges each phase as one batch. `poll_s` between status checks;
-    `note` hears what happens (submitted, status changes, ingested)."""
+    """A judge_round Runner that judges each phase in batches of at most `max_requests` (one
+    after another), polling every `poll_s`; `note` hears what happens (submitted, status
+    changes, ingested)."""
 
     poll_s: float = 30.0
     note: Callable[[str], None] = lambda message: None
+    max_requests: int = MAX_BATCH_REQUESTS
 
     async def __call__(self, run: JudgeRun, pending: int, phase: str) -> RunStats:
+        """Batch after batch until the phase has nothing pending, or one ends without answering
+        all it held (expired, cancelled, failed): its remainder waits for the next run."""
         backend = _batch_backend(run.backend)
+        while await self._one_batch(run, backend, pending, phase) == "completed":
+            with session_scope(run.engine) as session:
+                pending = queue.pending_count(session, run.round_id, run.judge_id, run.evaluation)
+            if pending == 0:
+                break
+        return run.stats
+
+    async def _one_batch(self, run: JudgeRun, backend: OpenAIChat, pending: int, phase: str) -> str | None:
+        """Submit (or resume) one batch, wait for it and ingest it: how it ended (None: nothing
+        to send)."""
         with session_scope(run.engine) as session:
             row = batches.open_batch(session, run.round_id, run.judge_id, phase)
             if row is None:
                 if pending == 0:
-                    return run.stats
+                    return None
                 row = batches.start_batch(session, run.round_id, run.judge_id, phase, backend.base_url)
             batch_id, worker, remote_id = row.id, row.worker, row.remote_id
         with session_scope(run.engine) as session:
@@ -78,7 +94,7 @@ class BatchRunner:
                     run.round_id,
                     run.judge_id,
                     worker,
-                    max(pending, 1),
+                    min(max(pending, 1), self.max_requests),
                     BATCH_LEASE_S,
                     run.evaluation,
                 )
@@ -86,11 +102,14 @@ class BatchRunner:
         if remote_id is None and not items:  # others took the work meanwhile: nothing to send
             with session_scope(run.engine) as session:
                 _finish(session, batch_id, "empty", {}, 0)
-            return run.stats
+            return None
         if remote_id is None:
             remote_id = await self._submit(run, backend, batch_id, items)
         remote = await self._wait(backend, batch_id, remote_id, run)
-        return await self._ingest(run, backend, batch_id, worker, remote, items)
+        released = await self._ingest(run, backend, batch_id, worker, remote, items)
+        # A batch that left work unanswered ends the run, whatever its status: the next run
+        # sends the rest (a loop here could resubmit forever to a server that never answers).
+        return str(remote.status) if released == 0 else f"{remote.status}, {released} unanswered"
 
     async def _submit(
         self, run: JudgeRun, backend: OpenAIChat, batch_id: int, items: list[queue.WorkItem]
@@ -143,7 +162,8 @@ class BatchRunner:
         worker: str,
         remote: Any,
         items: list[queue.WorkItem],
-    ) -> RunStats:
+    ) -> int:
+        """Record the batch's answers; returns how many judgments it held were given back."""
         by_key = {custom_id(item.judgment_id): item for item in items}
         results: dict[int, queue.JudgmentResult] = {}
         for file_id in (remote.output_file_id, remote.error_file_id):
@@ -164,7 +184,7 @@ class BatchRunner:
             f"batch {batch_id} ({remote.id}) {remote.status}: {answered} judged, "
             f"{len(results) - answered} failed, {released} given back to judge again"
         )
-        return run.stats
+        return released
 
 
 def _batch_backend(backend: ChatBackend) -> OpenAIChat:

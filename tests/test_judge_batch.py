@@ -88,6 +88,19 @@ def test_a_batch_is_submitted_polled_and_ingested_exactly_once(
     assert again["labeled"] == summary["labeled"] and server.batch_api.created == [batch_id]
 
 
+def test_a_phase_larger_than_a_batch_goes_out_in_several_in_one_run(
+    cli: Cli, engine: Engine, server: fake.FakeOpenAI
+) -> None:
+    round_id = start_round(cli, server)
+    summary = json.loads(
+        cli(*judge_args(server, round_id, *BATCH, "--batch-max-requests", 10), "--json").stdout
+    )
+    sizes = [len(batch_lines(server, batch)) for batch in server.batch_api.created]
+    assert summary["labeled"] == summary["pairs"] and sum(sizes) == 2 * summary["pairs"] > 20
+    assert max(sizes) == 10 and len(sizes) == -(-sum(sizes) // 10)
+    assert_labelled_once(engine, round_id)
+
+
 def test_lines_that_fail_are_recorded_failed_and_retried_in_the_next_batch(
     cli: Cli, engine: Engine, server: fake.FakeOpenAI
 ) -> None:

@@ -83,7 +83,7 @@ def judge_runner(settings: JudgeSettings, progress: Progress, round_id: int) -> 
     if settings.batch:
         from cai.judge_batch import BatchRunner
 
-        return BatchRunner(settings.batch_poll_s, progress.note)
+        return BatchRunner(settings.batch_poll_s, progress.note, settings.batch_max_requests)
     return progress_runner(progress, round_id)
 
 

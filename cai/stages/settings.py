@@ -392,6 +392,12 @@ class JudgeSettings(JudgeEndpoint, JudgeScope):
     batch_poll_s: float = option(
         30.0, "--batch-poll", gt=0, allow_inf_nan=False, help="Seconds between a batch's status checks."
     )
+    batch_max_requests: int = option(
+        50_000,
+        "--batch-max-requests",
+        ge=1,
+        help="Requests per batch at most (OpenAI's limit: 50,000); more go out as further batches, in turn.",
+    )
 
     @model_validator(mode="after")
     def _batch_endpoint(self) -> JudgeSettings:
