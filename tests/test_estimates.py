@@ -19,6 +19,7 @@ from cai.store.db import session_scope
 from cai.store.models import GenerationItemRow, ResponseRow, RoundRow
 from cai.token_count import counter_for
 from tests import fake_openai as fake
+from tests import test_judging as judging
 from tests.conftest import REPO, Cli, table_counts
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
@@ -65,16 +66,8 @@ def generate_args(server: fake.FakeOpenAI, round_id: int, *extra: object) -> lis
 
 
 def judge_args(server: fake.FakeOpenAI, round_id: int, *extra: object) -> list[object]:
-    return [
-        "judge",
-        "--round",
-        round_id,
-        "--judge-base-url",
-        server.base_url,
-        "--judge-model",
-        JUDGE_MODEL,
-        *extra,
-    ]
+    """A judge the price table knows (JUDGE_MODEL) behind the loopback server."""
+    return judging.judge_args(server, round_id, *extra, model=JUDGE_MODEL)
 
 
 def estimate_of(cli: Cli, *args: object) -> dict[str, Any]:
@@ -155,15 +148,7 @@ def test_price_table_is_the_default_and_flags_override_it(
     monkeypatch.delenv("CAI_JUDGE_PRICE_OUT")
 
     # A model the table does not know: tokens are still counted, the cost is unknown...
-    unknown = [
-        "judge",
-        "--round",
-        round_id,
-        "--judge-base-url",
-        server.base_url,
-        "--judge-model",
-        "fake-judge",
-    ]
+    unknown = judging.judge_args(server, round_id, model="fake-judge")
     plain = cli(*unknown, "--estimate").stdout
     assert "unknown" in plain and "no price known" in " ".join(plain.split())
     assert estimate_of(cli, *unknown)["input_tokens"] > 0

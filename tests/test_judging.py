@@ -71,17 +71,10 @@ def start_round(cli: Cli, server: fake.FakeOpenAI, limit: int = 12) -> int:
     return round_id
 
 
-def judge_args(server: fake.FakeOpenAI, round_id: int, *extra: object) -> list[object]:
-    return [
-        "judge",
-        "--round",
-        round_id,
-        "--judge-base-url",
-        server.base_url,
-        "--judge-model",
-        "fake-judge",
-        *extra,
-    ]
+def judge_args(
+    server: fake.FakeOpenAI, round_id: int, *extra: object, model: str = "fake-judge"
+) -> list[object]:
+    return ["judge", "--round", round_id, "--judge-base-url", server.base_url, "--judge-model", model, *extra]
 
 
 def expected_verdict(text_a: str, text_b: str) -> str:
