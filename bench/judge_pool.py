@@ -22,11 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.judge_throughput import build_round  # noqa: E402
+from bench.judge_throughput import build_round, judge_run  # noqa: E402
 from cai.backends.openai_compat import OpenAIChat  # noqa: E402
 from cai.backends.pool import PooledChat  # noqa: E402
-from cai.judging import JudgeOptions, JudgeRun  # noqa: E402
-from cai.templates import TemplateSet  # noqa: E402
 from tests.fake_openai import FakeOpenAI, prefer_marker  # noqa: E402
 
 
@@ -38,19 +36,11 @@ def serve(latency: float, conn: Connection) -> None:
 
 async def judge(db_url: str, pairs: int, urls: list[str], per_endpoint: int) -> tuple[float, int]:
     """Seconds to judge a fresh round of `pairs` through a pool of `urls`; judgments stored."""
-    engine, round_id, judge_id, constitution = build_round(db_url, pairs)
+    built = build_round(db_url, pairs)
     members = [(url, OpenAIChat(url, "fake-judge"), per_endpoint) for url in urls]
     backend = PooledChat(members, "fake-judge")
-    run = JudgeRun(
-        engine,
-        round_id,
-        judge_id,
-        constitution,
-        backend,
-        TemplateSet(),
-        # Enough slots that the pool, not the runner, is the limit.
-        JudgeOptions(concurrency=2 * per_endpoint * len(urls)),
-    )
+    # Enough slots that the pool, not the runner, is the limit.
+    run = judge_run(built, backend, concurrency=2 * per_endpoint * len(urls))
     started = time.perf_counter()
     stats = await run.run()
     elapsed = time.perf_counter() - started

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import openai  # noqa: E402
 from sqlalchemy import Engine  # noqa: E402
 
-from cai.backends.base import ChatRequest  # noqa: E402
+from cai.backends.base import ChatBackend, ChatRequest  # noqa: E402
 from cai.backends.openai_compat import OpenAIChat  # noqa: E402
 from cai.constitution import Constitution, load_constitution  # noqa: E402
 from cai.judge import pairwise_request  # noqa: E402
@@ -161,13 +161,12 @@ async def bare_sdk(base_url: str, pairs: int, concurrency: int) -> float:
     return elapsed
 
 
-async def judged(
-    engine: Engine, round_id: int, judge_id: int, constitution: Constitution, base_url: str, concurrency: int
-) -> float:
-    """Seconds for `JudgeRun` to judge a round built by `build_round`, every pair in both orders."""
-    backend = OpenAIChat(base_url, MODEL)
-    await backend.complete(sample_request())
-    run = JudgeRun(
+def judge_run(
+    built: tuple[Engine, int, int, Constitution], backend: ChatBackend, concurrency: int
+) -> JudgeRun:
+    """The `JudgeRun` `cai judge` would make for a round built by `build_round`."""
+    engine, round_id, judge_id, constitution = built
+    return JudgeRun(
         engine,
         round_id,
         judge_id,
@@ -176,6 +175,15 @@ async def judged(
         TemplateSet(),
         JudgeOptions(concurrency=concurrency),
     )
+
+
+async def judged(
+    engine: Engine, round_id: int, judge_id: int, constitution: Constitution, base_url: str, concurrency: int
+) -> float:
+    """Seconds for `JudgeRun` to judge a round built by `build_round`, every pair in both orders."""
+    backend = OpenAIChat(base_url, MODEL)
+    await backend.complete(sample_request())
+    run = judge_run((engine, round_id, judge_id, constitution), backend, concurrency)
     stats = await run.run()
     await backend.aclose()
     assert stats.failed == 0, stats

@@ -28,11 +28,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.judge_throughput import build_round  # noqa: E402
+from bench.judge_throughput import build_round, judge_run  # noqa: E402
 from cai.backends.openai_compat import OpenAIChat  # noqa: E402
 from cai.backends.ratelimit import estimate_tokens  # noqa: E402
-from cai.judging import JudgeOptions, JudgeRun  # noqa: E402
-from cai.templates import TemplateSet  # noqa: E402
 from tests.fake_openai import FakeOpenAI, prefer_marker  # noqa: E402
 
 TOLERANCE = 0.05
@@ -50,17 +48,8 @@ async def judge_for(
     seconds: float, base_url: str, built: tuple[Any, ...], concurrency: int, rpm: float, tpm: float | None
 ) -> int:
     """Judge the round with the limits set until `seconds` have passed; the requests admitted."""
-    engine, round_id, judge_id, constitution = built
     backend = OpenAIChat(base_url, "fake-judge", rpm=rpm, tpm=tpm)
-    run = JudgeRun(
-        engine,
-        round_id,
-        judge_id,
-        constitution,
-        backend,
-        TemplateSet(),
-        JudgeOptions(concurrency=concurrency),
-    )
+    run = judge_run(built, backend, concurrency)
     try:
         await asyncio.wait_for(run.run(), seconds)
         raise SystemExit("the round ran out of pairs before the time was up: raise the pairs")
