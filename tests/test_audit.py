@@ -43,7 +43,7 @@ from cai.store.models import (
 )
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli, table_counts
-from tests.test_judging import judge_args, policy_then_judge, start_round
+from tests.test_judging import fresh_policy_then_judge, judge_args, start_round
 
 # --- pure: agreement and kappa -----------------------------------------------------------------
 
@@ -674,7 +674,7 @@ def test_sample_is_a_deterministic_queue_of_unchecked_pairs(cli: Cli, engine: En
 
 
 def test_audit_a_round_judged_by_the_fake_server(cli: Cli, engine: Engine, tmp_path: Path) -> None:
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         round_id = start_round(cli, server, limit=4)
         cli(*judge_args(server, round_id))
     pairs = listed(cli, "--round", round_id)["pairs"]

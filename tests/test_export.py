@@ -16,12 +16,12 @@ from cai.store.db import session_scope
 from cai.store.models import LabelRow, PairRow, SnapshotRow
 from tests import fake_openai as fake
 from tests.conftest import Cli
-from tests.test_judging import judge_args, policy_then_judge, start_round
+from tests.test_judging import fresh_policy_then_judge, judge_args, start_round
 
 
 @pytest.fixture
 def labelled_round(cli: Cli) -> Iterator[int]:
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         round_id = start_round(cli, server, limit=40)
         cli(*judge_args(server, round_id))
         yield round_id
@@ -153,7 +153,7 @@ def test_existing_directory_is_not_clobbered(cli: Cli, labelled_round: int, tmp_
 
 
 def test_a_round_without_labels_is_bad_input(cli: Cli, tmp_path: Path) -> None:
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         round_id = start_round(cli, server, limit=3)
     refused = export(cli, round_id, tmp_path / "x", expect=2)
     assert "no labels yet: run cai judge" in refused["stderr"]

@@ -22,14 +22,14 @@ from cai.store.db import session_scope
 from cai.store.models import JudgeBatchRow, JudgmentRow, LabelRow, PairRow
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli, table_counts
-from tests.test_judging import judge_args, policy_then_judge, start_round
+from tests.test_judging import fresh_policy_then_judge, judge_args, start_round
 
 BATCH = ("--batch", "--batch-poll", 0.01)
 
 
 @pytest.fixture
 def server() -> Iterator[fake.FakeOpenAI]:
-    with fake.FakeOpenAI(policy_then_judge) as running:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as running:
         yield running
 
 

@@ -21,7 +21,7 @@ from cai.store.db import session_scope
 from cai.store.models import JudgeRow, JudgmentRow, LabelRow, PairRow
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli, table_counts
-from tests.test_judging import GOOD, policy_then_judge, start_round
+from tests.test_judging import GOOD, fresh_policy_then_judge, start_round
 
 REQUEST = ChatRequest(messages=[{"role": "user", "content": "Which is better?"}], max_tokens=32)
 
@@ -112,7 +112,7 @@ def test_a_pool_with_every_endpoint_set_aside_says_when_one_returns() -> None:
 def test_a_round_judged_by_three_endpoints_survives_one_shut_down_midway(
     cli: Cli, engine: Engine, tmp_path: Path
 ) -> None:
-    with fake.FakeOpenAI(policy_then_judge) as policy:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as policy:
         round_id = start_round(cli, policy, limit=24)
     judge = fake.prefer_marker(GOOD)
     servers = [fake.FakeOpenAI(judge, latency=0.02).start() for _ in range(3)]

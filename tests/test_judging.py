@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -34,22 +34,25 @@ from tests.conftest import REPO, Cli
 GOOD = "GOOD"
 
 
-_draws = itertools.count()
-
-
-def policy_then_judge(request: dict[str, Any]) -> str:
+def fresh_policy_then_judge() -> Callable[[dict[str, Any]], str]:
     """Sampling requests get an answer that is GOOD for some draws (each of the `n` choices is a
-    new draw, as on a real server); judge requests prefer GOOD."""
-    prompt = fake.prompt_text(request)
-    if "<<<RESPONSE A " in prompt:
-        return fake.prefer_marker(GOOD)(request)
-    draw = request.get("seed", 0) + next(_draws)
-    return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
+    new draw, as on a real server); judge requests prefer GOOD. Its own draw counter, so which
+    pairs are decisive does not depend on the tests that ran before (a test that needs labels on
+    both sides of a split wants that)."""
+    draws = itertools.count()
+
+    def respond(request: dict[str, Any]) -> str:
+        if "<<<RESPONSE A " in fake.prompt_text(request):
+            return fake.prefer_marker(GOOD)(request)
+        draw = request.get("seed", 0) + next(draws)
+        return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
+
+    return respond
 
 
 @pytest.fixture
 def server() -> Iterator[fake.FakeOpenAI]:
-    with fake.FakeOpenAI(policy_then_judge) as running:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as running:
         yield running
 
 
@@ -428,7 +431,7 @@ def test_sigkill_mid_round_loses_nothing_and_duplicates_nothing(
     concurrency = 4
     # A fast judge: results arrive many times a second, so any delay before they are written
     # would show up as requests sent again after the kill.
-    with fake.FakeOpenAI(policy_then_judge, latency=0.01) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge(), latency=0.01) as server:
         round_id = start_round(cli, server, limit=30)
         sampling_requests = server.count
         process = _cai_process(db_url, *judge_args(server, round_id, "--concurrency", concurrency))
@@ -450,7 +453,7 @@ def test_sigkill_mid_round_loses_nothing_and_duplicates_nothing(
 
 
 def test_concurrent_workers_never_judge_the_same_item(cli: Cli, engine: Engine, db_url: str) -> None:
-    with fake.FakeOpenAI(policy_then_judge, latency=0.02) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge(), latency=0.02) as server:
         round_id = start_round(cli, server, limit=40)
         planned_before = server.count
         workers = [_cai_process(db_url, *judge_args(server, round_id, "--concurrency", 4)) for _ in range(2)]
@@ -555,25 +558,30 @@ def _constitution() -> Any:
     return load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
 
 
-def every_mode(request: dict[str, Any]) -> str:
+def fresh_every_mode() -> Callable[[dict[str, Any]], str]:
     """One server for all modes: scores favour GOOD, pairwise favours revisions, then GOOD."""
-    prompt = fake.prompt_text(request)
-    if "Revision request:" in prompt:
-        return fake.revise_responder(request)
-    if "<<<RESPONSE A " in prompt:
-        a, b = fake.fenced(prompt, "RESPONSE A") or "", fake.fenced(prompt, "RESPONSE B") or ""
-        if "[revised]" in a + b:
-            preferred = "A" if "[revised]" in a else "B"
-            return json.dumps({"rationale": "the revision is better", "preferred": preferred})
-        return fake.prefer_marker(GOOD)(request)
-    if "<<<RESPONSE " in prompt:
-        response = fake.fenced(prompt, "RESPONSE") or ""
-        return json.dumps({"rationale": "scored", "score": 9 if GOOD in response else 3})
-    return policy_then_judge(request)
+    sample = fresh_policy_then_judge()
+
+    def respond(request: dict[str, Any]) -> str:
+        prompt = fake.prompt_text(request)
+        if "Revision request:" in prompt:
+            return fake.revise_responder(request)
+        if "<<<RESPONSE A " in prompt:
+            a, b = fake.fenced(prompt, "RESPONSE A") or "", fake.fenced(prompt, "RESPONSE B") or ""
+            if "[revised]" in a + b:
+                preferred = "A" if "[revised]" in a else "B"
+                return json.dumps({"rationale": "the revision is better", "preferred": preferred})
+            return fake.prefer_marker(GOOD)(request)
+        if "<<<RESPONSE " in prompt:
+            response = fake.fenced(prompt, "RESPONSE") or ""
+            return json.dumps({"rationale": "scored", "score": 9 if GOOD in response else 3})
+        return sample(request)
+
+    return respond
 
 
 def test_score_mode_labels_best_against_worst_and_drops_ties(cli: Cli, engine: Engine) -> None:
-    with fake.FakeOpenAI(every_mode) as server:
+    with fake.FakeOpenAI(fresh_every_mode()) as server:
         round_id = start_round(cli, server, limit=12)
         summary = json.loads(cli(*judge_args(server, round_id, "--mode", "score"), "--json").stdout)
         requests = server.count
@@ -595,7 +603,7 @@ def test_score_mode_labels_best_against_worst_and_drops_ties(cli: Cli, engine: E
 
 
 def test_revise_mode_keeps_revisions_both_orders_prefer(cli: Cli, engine: Engine) -> None:
-    with fake.FakeOpenAI(every_mode) as server:
+    with fake.FakeOpenAI(fresh_every_mode()) as server:
         round_id = start_round(cli, server, limit=5)
         summary = json.loads(cli(*judge_args(server, round_id, "--mode", "revise"), "--json").stdout)
         requests = server.count

@@ -29,7 +29,7 @@ from cai.store.models import (
 )
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli, table_counts
-from tests.test_judging import policy_then_judge
+from tests.test_judging import fresh_policy_then_judge
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
 __all__ = ["smollm2_tokenizer_dir", "tiny_model_dir"]  # session fixtures
@@ -67,7 +67,7 @@ def test_loop_chains_rounds_and_a_rerun_redoes_nothing(
     cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     first = prepare(cli, tiny_model_dir)
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         summaries = json.loads(cli(*loop_args(server, tmp_path), "--json").stdout)
         requests, counts = server.count, table_counts(engine)
         again = json.loads(cli(*loop_args(server, tmp_path), "--json").stdout)
@@ -139,10 +139,11 @@ def test_loop_resumes_after_a_kill_at_each_step(
     db_url: str, cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path, kill_at: str
 ) -> None:
     round_id = prepare(cli, tiny_model_dir)
+    respond = fresh_policy_then_judge()
 
     def slow_enough(request: dict[str, Any]) -> str:
         time.sleep(0.05)  # long enough to catch the round mid-step
-        return policy_then_judge(request)
+        return respond(request)
 
     with fake.FakeOpenAI(slow_enough) as server:
         args = [*loop_args(server, tmp_path, rounds=1), "--concurrency", 2, "--batch-size", 2]

@@ -29,7 +29,7 @@ from cai.store.db import session_scope
 from cai.store.models import JudgeRow, JudgmentRow
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli
-from tests.test_judging import GOOD, _request, policy_then_judge
+from tests.test_judging import GOOD, _request, fresh_policy_then_judge
 
 ABT = ("A", "B", "tie")
 
@@ -221,7 +221,7 @@ def _round(cli: Cli, policy: fake.FakeOpenAI, limit: int) -> int:
 def test_a_round_against_a_llama_cpp_like_server_stores_what_it_learned(cli: Cli, engine: Engine) -> None:
     cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
     cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
-    with fake.FakeOpenAI(policy_then_judge) as policy:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as policy:
         first, second = _round(cli, policy, 10), _round(cli, policy, 20)
     with fake.FakeOpenAI(fake.prefer_marker(GOOD), response_formats=("json_object", "text")) as judge:
         flags = [
@@ -278,7 +278,7 @@ def test_sampling_falls_back_to_one_request_per_sample_when_n_is_not_honoured(
         for p in range(3)
         for i in range(2)
     ]
-    with fake.FakeOpenAI(policy_then_judge, n=support) as server:  # type: ignore[arg-type]
+    with fake.FakeOpenAI(fresh_policy_then_judge(), n=support) as server:  # type: ignore[arg-type]
         sampler = OpenAISampler(server.base_url, "fake/policy", concurrency=4)
         samples = sampler.sample(requests, SamplingParams())
         sent = server.requests

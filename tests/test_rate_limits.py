@@ -25,11 +25,11 @@ from cai.store.db import session_scope
 from cai.store.models import JudgmentRow, LabelRow, PairRow
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli
+from tests.test_judging import fresh_policy_then_judge
 
 SLACK_S = 1.0
 """How much later than sent a request may be seen to arrive, relative to the others."""
 WINDOWS_S = (0.5, 1.0, 2.0)
-GOOD = "GOOD"
 draws = itertools.count()
 
 
@@ -166,14 +166,6 @@ def test_a_gate_refuses_limits_that_are_not_positive() -> None:
 # -- cai judge and cai generate
 
 
-def policy_then_judge(request: dict[str, Any]) -> str:
-    """Sampling requests get a new answer each draw (GOOD for two in three); judges prefer GOOD."""
-    if "<<<RESPONSE A " in fake.prompt_text(request):
-        return fake.prefer_marker(GOOD)(request)
-    draw = next(draws)
-    return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
-
-
 def is_judge(arrival: fake.Arrival) -> bool:
     return "<<<RESPONSE A " in fake.prompt_text(arrival.request)
 
@@ -215,7 +207,7 @@ def test_cai_judge_holds_rpm_and_tpm_and_labels_every_pair_once(
     # 10 requests and 10000 tokens (about 12 judge requests) a second: either binds alone.
     rpm, tpm = 600.0, 600_000.0
     monkeypatch.setenv("CAI_JUDGE_TPM", str(tpm))  # the environment sets one, the flag the other
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         round_id = start_round(cli, server, 6)
         summary = judge(cli, server, round_id, "--rpm", rpm, "--concurrency", 32)
         assert_labelled_exactly_once(engine, server, summary)
@@ -231,7 +223,7 @@ def test_a_429_with_retry_after_pauses_every_request_to_the_endpoint(cli: Cli, e
     pause_s = 2.5
     # At 0.25 s a reply and 3 at once, the round's judge requests after the 429 would take about
     # 2 s: without the pause they would keep arriving throughout it.
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         round_id = start_round(cli, server, 6)
         server.latency = 0.25
         judged = itertools.count(1)
@@ -262,7 +254,7 @@ def test_a_429_with_retry_after_pauses_every_request_to_the_endpoint(cli: Cli, e
 
 def test_cai_generate_holds_its_rpm(cli: Cli, engine: Engine) -> None:
     rpm = 120.0  # 2 a second: 12 prompts' requests take 5 s, where unlimited they take 0.2
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         # A batch claims 6 samples, 2 prompts: 6 sampler calls, an event loop each.
         start_round(cli, server, 12, "--rpm", rpm, "--batch-size", 6)
         arrivals = server.arrivals

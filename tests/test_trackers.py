@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cai.errors import BadInput
+from cai.export import load_manifest
 from cai.sft import load_sft_config
 from cai.trackers import tracked_run
 from cai.train import load_config
@@ -76,6 +77,8 @@ def test_cai_train_reports_to_mlflow_and_trackio_with_its_tags(
     round_id = judged_round(cli, tiny_model_dir, limit=8)
     # An eval split: it is scored at the end of training, inside the trackers' one run.
     cli("export", "-r", round_id, "--out", tmp_path / "snap", "--eval-fraction", 0.5)
+    counts = load_manifest(tmp_path / "snap")["counts"]
+    assert counts["train"] > 0 and counts["eval"] > 0, f"the fake judge left a split empty: {counts}"
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = os.environ | {
         "MLFLOW_TRACKING_URI": mlflow_uri,

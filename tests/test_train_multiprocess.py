@@ -21,7 +21,7 @@ from cai.store.db import session_scope
 from cai.store.models import PolicyRow, TrainingRunRow, TrainingStepRow
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli
-from tests.test_judging import judge_args, policy_then_judge
+from tests.test_judging import fresh_policy_then_judge, judge_args
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
 __all__ = ["smollm2_tokenizer_dir", "tiny_model_dir"]  # session fixtures
@@ -37,7 +37,7 @@ def exported_round(cli: Cli, policy_dir: Path, snapshot_dir: Path) -> int:
     cli("constitution", "register", REPO / "constitutions/helpful-harmless/v1.yaml")
     cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
     round_id = int(cli("round", "start", "-c", "helpful-harmless@1", "--policy", policy_dir).stdout)
-    with fake.FakeOpenAI(policy_then_judge) as server:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as server:
         cli("generate", "-r", round_id, "--backend", "openai", "--base-url", server.base_url, "--limit", 16)
         cli(*judge_args(server, round_id))
     cli("export", "-r", round_id, "--out", snapshot_dir)
