@@ -18,13 +18,10 @@ from cai.train import (
     TrainResult,
     callbacks,
     check_optional_dependencies,
-    is_main_process,
-    last_complete_checkpoint,
     load_snapshot,
     lora_config,
-    save_final,
-    set_aside_incomplete_checkpoints,
-    train_then_evaluate,
+    resume_point,
+    train_and_save,
     trainer_args,
 )
 
@@ -115,10 +112,7 @@ def train_sft(
     if not tokenizer.chat_template:
         raise BadInput(f"{policy_dir}: the tokenizer has no chat template; SFT on chat data needs one")
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.bfloat16 if gpu else torch.float32)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        set_aside_incomplete_checkpoints(output_dir)
-    last = last_complete_checkpoint(output_dir)
+    last = resume_point(output_dir)
     with contextlib.nullcontext() if gpu else freed_memory_kept():
         trainer = SFTTrainer(
             model=model,
@@ -129,11 +123,4 @@ def train_sft(
             callbacks=callbacks(on_log, tracked),
             peft_config=lora_config(config),
         )
-        if on_log is not None:
-            from transformers import PrinterCallback, ProgressCallback
-
-            trainer.remove_callback(ProgressCallback)
-            trainer.remove_callback(PrinterCallback)
-        metrics = train_then_evaluate(trainer, last, evaluate="eval" in splits)
-        final = save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
-    return TrainResult(metrics=metrics, steps=trainer.state.global_step, model_dir=final, resumed_from=last)
+        return train_and_save(trainer, tokenizer, config, "eval" in splits, output_dir, last, on_log)

@@ -252,10 +252,7 @@ def train_dpo(
     if not (same_reference and (config.lora_r is not None or config.precompute_ref_log_probs)):
         ref_model = AutoModelForCausalLM.from_pretrained(reference_dir or policy_dir, dtype=dtype)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # the others only read: one process moves, every one skips the same dirs
-        set_aside_incomplete_checkpoints(output_dir)
-    last = last_complete_checkpoint(output_dir)
+    last = resume_point(output_dir)
     # On a GPU the host's allocator is off the step's path; on a CPU it is on it (cai.allocator).
     with contextlib.nullcontext() if gpu else freed_memory_kept():
         trainer = dpo_trainer_class(config.group_by_length, config.share_prompt, config.confidence_loss)(
@@ -268,26 +265,48 @@ def train_dpo(
             callbacks=callbacks(on_log, tracked),
             peft_config=lora_config(config),
         )
-        if config.lora_r is not None and _parameters_sharded(trainer):
-            # The merge below runs on one process over its own copy of the weights; with ZeRO-3 or
-            # FSDP that copy is a shard, and the merged model would be silently incomplete.
-            raise BadInput(
-                "lora_r: LoRA runs are merged on one process, which needs every process to hold the whole "
-                "model; use DDP or DeepSpeed ZeRO-2, or train without LoRA under ZeRO-3/FSDP"
-            )
-        if on_log is not None:
-            # The caller shows its own progress; transformers' bar and log printing would repeat it.
-            from transformers import PrinterCallback, ProgressCallback
+        return train_and_save(trainer, tokenizer, config, "eval" in splits, output_dir, last, on_log)
 
-            trainer.remove_callback(ProgressCallback)
-            trainer.remove_callback(PrinterCallback)
-        metrics = train_then_evaluate(trainer, last, evaluate="eval" in splits)
-        final = save_final(trainer, tokenizer, output_dir, merge_lora=config.lora_r is not None)
+
+def resume_point(output_dir: Path) -> Path | None:
+    """Create `output_dir` and return the checkpoint a run resumes from: the newest complete one,
+    once the main process has moved the incomplete ones aside (the others only read: every
+    process skips the same directories)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        set_aside_incomplete_checkpoints(output_dir)
+    return last_complete_checkpoint(output_dir)
+
+
+def train_and_save(
+    trainer: Any,
+    tokenizer: Any,
+    config: TrainConfig | SftConfig,
+    evaluate: bool,
+    output_dir: Path,
+    resume_from: Path | None,
+    on_log: OnLog | None,
+) -> TrainResult:
+    """Run a built trainer (resuming from `resume_from`), score the eval split when `evaluate`,
+    and save the model and tokenizer to `output_dir/final`, LoRA merged into it."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    merge_lora = config.lora_r is not None
+    if merge_lora and _parameters_sharded(trainer):
+        # The merge runs on one process over its own copy of the weights; with ZeRO-3 or FSDP
+        # that copy is a shard, and the merged model would be silently incomplete.
+        raise BadInput(
+            "lora_r: LoRA runs are merged on one process, which needs every process to hold the whole "
+            "model; use DDP or DeepSpeed ZeRO-2, or train without LoRA under ZeRO-3/FSDP"
+        )
+    if on_log is not None:
+        # The caller shows its own progress; transformers' bar and log printing would repeat it.
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+    metrics = train_then_evaluate(trainer, resume_from, evaluate=evaluate)
+    final = save_final(trainer, tokenizer, output_dir, merge_lora=merge_lora)
     return TrainResult(
-        metrics=metrics,
-        steps=trainer.state.global_step,
-        model_dir=final,
-        resumed_from=last,
+        metrics=metrics, steps=trainer.state.global_step, model_dir=final, resumed_from=resume_from
     )
 
 

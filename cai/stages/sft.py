@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai.stages.progress import Progress, Silent
 from cai.stages.settings import SftSettings
-from cai.stages.status import Event, Stage, advance, check_kind, failure_recorded
-from cai.stages.train import default_run_dir, snapshot_to_train, step_recorder, tracked_run_of
+from cai.stages.status import Event, Stage, advance, check_kind
+from cai.stages.train import default_run_dir, snapshot_to_train, tracked_run_of, train_and_register
 from cai.store import repo, training
 from cai.workspace import Workspace
+
+if TYPE_CHECKING:
+    from cai.train import TrainResult
 
 
 def run_sft(
@@ -46,35 +50,11 @@ def run_sft(
     progress.note(f"SFT run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
     progress.task(f"round {round_id}: SFT")
 
-    with failure_recorded(ws, round_id, Stage.SFT):
-        try:
-            # transformers' progress callback prints logs to stdout; keep stdout for --json.
-            with contextlib.redirect_stdout(sys.stderr):
-                on_log = step_recorder(ws, run_id, progress)
-                result = train_sft(snapshot_dir, policy_dir, output_dir, config, on_log, tracked)
-        except BaseException:
-            with ws.session() as session:
-                training.fail_run(session, run_id)
-            raise
-        with ws.session() as session:
-            new_policy = training.finish_run(
-                session,
-                run_id,
-                result.metrics,
-                str(result.model_dir),
-                f"{policy.name}+sft-r{round_id}-t{run_id}",
-                policy.id,
-                digest,
-                round_.constitution_id,
-                settings_json,
-            )
-            advance(session, round_id, Stage.SFT, Event.FINISH)
-    return {
-        "training_run": run_id,
-        "policy_id": new_policy,
-        "model_dir": str(result.model_dir),
-        "steps": result.steps,
-        "resumed": result.resumed,
-        "metrics": result.metrics,
-        "config": settings_json,
-    }
+    def train(on_log: Callable[[int, dict[str, float]], None]) -> TrainResult:
+        # transformers' progress callback prints logs to stdout; keep stdout for --json.
+        with contextlib.redirect_stdout(sys.stderr):
+            return train_sft(snapshot_dir, policy_dir, output_dir, config, on_log, tracked)
+
+    return train_and_register(
+        ws, round_, policy, Stage.SFT, "sft", run_id, digest, settings_json, progress, train
+    )

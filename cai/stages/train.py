@@ -27,6 +27,8 @@ from cai.workspace import Workspace
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from cai.train import TrainResult
+
 
 def default_run_dir(round_id: int, artifacts: Path = Path(".")) -> Path:
     return artifacts / "runs" / f"round-{round_id}"
@@ -86,11 +88,42 @@ def run_train(
             f"resuming from {last.name}" if last else "no complete checkpoint: training starts afresh"
         )
     progress.task(f"round {round_id}: DPO")
+    summary = train_and_register(
+        ws,
+        round_,
+        policy,
+        Stage.TRAIN,
+        "dpo",
+        run_id,
+        digest,
+        settings_json,
+        progress,
+        lambda on_log: _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, on_log, tracked),
+    )
+    with ws.session() as session:
+        steps = training.training_steps(session, run_id)
+    return summary | {"last_step": steps[-1][1] if steps else {}}
 
-    with failure_recorded(ws, round_id, Stage.TRAIN):
+
+def train_and_register(
+    ws: Workspace,
+    round_: repo.RoundRecord,
+    policy: repo.PolicyRecord,
+    stage: Stage,
+    method: str,
+    run_id: int,
+    snapshot_sha256: str,
+    settings_json: dict[str, Any],
+    progress: Progress,
+    train: Callable[[Callable[[int, dict[str, float]], None]], TrainResult],
+) -> dict[str, Any]:
+    """Run `train` (given the step recorder) as training run `run_id` of the round's `stage`,
+    then register what it trained as the policy that follows `policy` (named for the `method`)
+    and finish the stage. A failed or stopped run is marked so (its checkpoints resume).
+    Returns the run's summary."""
+    with failure_recorded(ws, round_.id, stage):
         try:
-            on_log = step_recorder(ws, run_id, progress)
-            result = _train(snapshot_dir, policy_dir, output_dir, settings, reference_dir, on_log, tracked)
+            result = train(step_recorder(ws, run_id, progress))
         except BaseException:
             with ws.session() as session:
                 training.fail_run(session, run_id)
@@ -101,14 +134,13 @@ def run_train(
                 run_id,
                 result.metrics,
                 str(result.model_dir),
-                f"{policy.name}+dpo-r{round_id}-t{run_id}",
+                f"{policy.name}+{method}-r{round_.id}-t{run_id}",
                 policy.id,
-                digest,
+                snapshot_sha256,
                 round_.constitution_id,
                 settings_json,
             )
-            advance(session, round_id, Stage.TRAIN, Event.FINISH)
-            steps = training.training_steps(session, run_id)
+            advance(session, round_.id, stage, Event.FINISH)
     return {
         "training_run": run_id,
         "policy_id": new_policy,
@@ -116,7 +148,6 @@ def run_train(
         "steps": result.steps,
         "resumed": result.resumed,
         "metrics": result.metrics,
-        "last_step": steps[-1][1] if steps else {},
         "config": settings_json,
     }
 
