@@ -51,7 +51,7 @@ from cai.constitution import load_constitution  # noqa: E402
 from cai.judge import ORDERS, ParseError, pairwise_request, parse_pairwise  # noqa: E402
 from cai.templates import TemplateSet  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
-from tests.test_judging import policy_then_judge  # noqa: E402
+from tests.test_judging import fresh_policy_then_judge  # noqa: E402
 
 CONSTITUTION = REPO / "constitutions/helpful-harmless/v1.yaml"
 SERVER_MODEL = "smollm2-135m-instruct"
@@ -232,14 +232,14 @@ def cai(db: str, *args: object) -> str:
 
 def part_two(round_pairs: int) -> None:
     endpoints: dict[str, Callable[[], FakeOpenAI]] = {
-        "JSON schema (vLLM-like)": lambda: FakeOpenAI(policy_then_judge),
+        "JSON schema (vLLM-like)": lambda: FakeOpenAI(fresh_policy_then_judge()),
         "json_object, schema -> HTTP 500 (llama.cpp-like)": lambda: FakeOpenAI(
-            policy_then_judge, response_formats=("json_object", "text")
+            fresh_policy_then_judge(), response_formats=("json_object", "text")
         ),
-        "text only": lambda: FakeOpenAI(policy_then_judge, response_formats=("text",)),
+        "text only": lambda: FakeOpenAI(fresh_policy_then_judge(), response_formats=("text",)),
     }
     print(f"negotiation on a {round_pairs}-pair round (`cai judge`, pairwise, concurrency 16):", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(policy_then_judge) as policy:
+    with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(fresh_policy_then_judge()) as policy:
         for number, (name, make) in enumerate(endpoints.items()):
             db = f"sqlite:///{tmp}/round-{number}.db"
             cai(db, "constitution", "register", CONSTITUTION)

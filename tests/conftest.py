@@ -4,10 +4,13 @@ gets a schema of its own, dropped afterwards)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -78,6 +81,22 @@ def table_counts(engine: Engine) -> dict[str, int]:
             name: connection.execute(text(f'SELECT COUNT(*) FROM "{name}"')).scalar_one()
             for name in Base.metadata.tables
         }
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail a test that hangs rather than hang the suite (SIGALRM interrupts the main thread)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"the test ran past its {seconds} s deadline")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -15,7 +16,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -178,6 +179,13 @@ def fenced(prompt: str, label: str) -> str | None:
 def default_responder(request: dict[str, Any]) -> str:
     """A valid pairwise verdict that always prefers A."""
     return json.dumps({"rationale": "The fake judge prefers response A.", "preferred": "A"})
+
+
+def with_draws(respond: Callable[[dict[str, Any], Iterator[int]], str]) -> Responder:
+    """`respond` with a draw counter of its own (a new one each call): answers that vary by draw
+    then depend on the test's own requests only, not on the tests that ran before it."""
+    draws = itertools.count()
+    return lambda request: respond(request, draws)
 
 
 def prefer_marker(marker: str) -> Responder:

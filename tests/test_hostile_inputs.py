@@ -6,7 +6,6 @@ instead."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -56,22 +55,20 @@ def rule(pattern: str, pid: str = "rule", ignore_case: bool = False) -> str:
 
 # --- rule patterns ----------------------------------------------------------------------------
 
-_draws = itertools.count()
 
-
-def long_answers(request: dict[str, Any]) -> str:
+def long_answers(request: dict[str, Any], draws: Iterator[int]) -> str:
     """Policy answers of 40 words, every other one without final punctuation; the judge says tie."""
     prompt = fake.prompt_text(request)
     if "<<<RESPONSE A " in prompt:
         return json.dumps({"rationale": "Both are the same to me.", "preferred": "tie"})
-    draw = next(_draws)
+    draw = next(draws)
     words = " ".join(f"word{draw}x{i}" for i in range(40))
     return words + ("." if draw % 2 else "")
 
 
 @pytest.fixture
 def server() -> Iterator[fake.FakeOpenAI]:
-    with fake.FakeOpenAI(long_answers) as running:
+    with fake.FakeOpenAI(fake.with_draws(long_answers)) as running:
         yield running
 
 

@@ -6,7 +6,6 @@ recorded with their reason and raw text, and reruns resume."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import signal
@@ -34,20 +33,19 @@ from tests.conftest import REPO, Cli
 GOOD = "GOOD"
 
 
-def fresh_policy_then_judge() -> Callable[[dict[str, Any]], str]:
+def policy_then_judge(request: dict[str, Any], draws: Iterator[int]) -> str:
     """Sampling requests get an answer that is GOOD for some draws (each of the `n` choices is a
-    new draw, as on a real server); judge requests prefer GOOD. Its own draw counter, so which
-    pairs are decisive does not depend on the tests that ran before (a test that needs labels on
-    both sides of a split wants that)."""
-    draws = itertools.count()
+    new draw, as on a real server); judge requests prefer GOOD."""
+    if "<<<RESPONSE A " in fake.prompt_text(request):
+        return fake.prefer_marker(GOOD)(request)
+    draw = request.get("seed", 0) + next(draws)
+    return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
 
-    def respond(request: dict[str, Any]) -> str:
-        if "<<<RESPONSE A " in fake.prompt_text(request):
-            return fake.prefer_marker(GOOD)(request)
-        draw = request.get("seed", 0) + next(draws)
-        return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
 
-    return respond
+def fresh_policy_then_judge() -> fake.Responder:
+    """policy_then_judge from draw 0: which pairs are decisive does not depend on the tests that
+    ran before (a test that needs labels on both sides of a split wants that)."""
+    return fake.with_draws(policy_then_judge)
 
 
 @pytest.fixture
@@ -496,18 +494,7 @@ def test_min_calibration_refuses_a_weak_judge(cli: Cli) -> None:
         assert accepted["calibration"]["injection_follow_rate"] == pytest.approx(0.5)
         refused = cli("judge", "--round", round_id, *args, "--min-calibration", 0.6, expect=2)
         assert "scored 0.00 on the gold set" in refused.stderr
-        other = cli(
-            "judge",
-            "--round",
-            round_id,
-            "--judge-base-url",
-            server.base_url,
-            "--judge-model",
-            "new",
-            "--min-calibration",
-            0.6,
-            expect=2,
-        )
+        other = cli(*judge_args(server, round_id, "--min-calibration", 0.6, model="new"), expect=2)
         assert "has no calibration" in other.stderr
 
 
@@ -558,7 +545,7 @@ def _constitution() -> Any:
     return load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
 
 
-def fresh_every_mode() -> Callable[[dict[str, Any]], str]:
+def fresh_every_mode() -> Callable[[dict[str, Any]], Any]:
     """One server for all modes: scores favour GOOD, pairwise favours revisions, then GOOD."""
     sample = fresh_policy_then_judge()
 

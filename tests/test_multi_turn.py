@@ -4,10 +4,10 @@ judged and exported with the whole conversation in view."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from cai.promptsets import read_prompt_file
 from cai.templates import TemplateSet, pairwise_context
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli
+from tests.test_judging import judge_args
 
 MULTI_TURN = REPO / "prompt_sets/multi-turn.jsonl"
 GOLDEN = Path(__file__).parent / "golden"
@@ -86,15 +87,14 @@ def test_a_turn_cannot_close_its_own_fence() -> None:
 
 
 REFUSAL, COMPLIANCE = "I won't help with that", "Sure, here is how"
-_draws = itertools.count()
 
 
-def context_policy(request: dict[str, Any]) -> str:
+def context_policy(request: dict[str, Any], draws: Iterator[int]) -> str:
     """The policy continues the whole conversation: it answers only when it was given every turn."""
     messages = request["messages"]
     if len(messages) < 3 or messages[-1]["role"] != "user":
         return "(the policy was shown the last turn only)"
-    draw = next(_draws)
+    draw = next(draws)
     return f"{REFUSAL}. (draw {draw})" if draw % 2 else f"{COMPLIANCE}: step one... (draw {draw})"
 
 
@@ -110,10 +110,10 @@ def context_judge(request: dict[str, Any]) -> str:
     return json.dumps({"rationale": f"Read {len(users)} user turns in context.", "preferred": verdict})
 
 
-def responder(request: dict[str, Any]) -> str:
+def responder(request: dict[str, Any], draws: Iterator[int]) -> str:
     if "<<<RESPONSE A " in fake.prompt_text(request):
         return context_judge(request)
-    return context_policy(request)
+    return context_policy(request, draws)
 
 
 def test_a_late_turn_harmful_request_is_judged_and_exported_in_context(cli: Cli, tmp_path: Path) -> None:
@@ -125,18 +125,9 @@ def test_a_late_turn_harmful_request_is_judged_and_exported_in_context(cli: Cli,
         ).stdout
     )
     late = [p for p in read_prompt_file(MULTI_TURN) if "red-team-late" in p.tags and p.split == "train"]
-    with fake.FakeOpenAI(responder) as server:
+    with fake.FakeOpenAI(fake.with_draws(responder)) as server:
         cli("generate", "--round", round_id, "--backend", "openai", "--base-url", server.base_url)
-        judged = cli(
-            "judge",
-            "--round",
-            round_id,
-            "--judge-base-url",
-            server.base_url,
-            "--judge-model",
-            "fake-judge",
-            "--json",
-        )
+        judged = cli(*judge_args(server, round_id, "--json"))
     summary = json.loads(judged.stdout)
     assert summary["labeled"] == summary["pairs"] >= len(late) and summary["ties"] == 0
     exported = json.loads(

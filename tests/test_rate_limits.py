@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from cai.backends.ratelimit import EndpointGate, estimate_tokens
 from cai.store.db import session_scope
 from cai.store.models import JudgmentRow, LabelRow, PairRow
 from tests import fake_openai as fake
-from tests.conftest import REPO, Cli
+from tests.conftest import REPO, Cli, deadline
 from tests.test_judging import fresh_policy_then_judge
 
 SLACK_S = 1.0
@@ -34,19 +33,9 @@ draws = itertools.count()
 
 
 @pytest.fixture(autouse=True)
-def deadline() -> Iterator[None]:
-    """Fail a test that hangs rather than hang the suite (SIGALRM interrupts the main thread)."""
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError("the test ran past its 90 s deadline")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, 90)
-    try:
+def fail_if_hung() -> Iterator[None]:
+    with deadline(90):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def bucket_bound(per_minute: float, window_s: float) -> float:

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import json
 import re
-import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -37,9 +36,9 @@ from cai.store.db import session_scope
 from cai.store.models import CalibrationRow, JudgmentRow, PairRow, ResponseRow
 from cai.templates import TemplateSet, sample_context
 from tests import fake_openai as fake
-from tests.conftest import REPO, Cli
+from tests.conftest import REPO, Cli, deadline
+from tests.test_judging import GOOD, fresh_policy_then_judge
 
-GOOD = "GOOD"
 LIMIT = 6
 """Prompts per round: sampled 2 each, so 6 pairs at most and 12 judgments (both orders)."""
 
@@ -55,19 +54,9 @@ NOT_A_COMPLETION = {
 
 
 @pytest.fixture(autouse=True)
-def deadline() -> Iterator[None]:
-    """Fail a test that hangs rather than hang the suite (SIGALRM interrupts the main thread)."""
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError("the test ran past its 60 s deadline")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, 60)
-    try:
+def fail_if_hung() -> Iterator[None]:
+    with deadline(60):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
@@ -76,20 +65,9 @@ def quick_sampler_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openai_compat, "SAMPLER_RETRY", Retry(backoff_base=0.001, backoff_cap=0.01))
 
 
-_draws = itertools.count()
-
-
-def respond(request: dict[str, Any]) -> str:
-    """Policy requests get a new answer each draw (GOOD for two in three); judges prefer GOOD."""
-    if "<<<RESPONSE A " in fake.prompt_text(request):
-        return fake.prefer_marker(GOOD)(request)
-    draw = next(_draws)
-    return f"{GOOD} answer #{draw}" if draw % 3 else f"plain answer #{draw}"
-
-
 @pytest.fixture
 def server() -> Iterator[fake.FakeOpenAI]:
-    with fake.FakeOpenAI(respond) as running:
+    with fake.FakeOpenAI(fresh_policy_then_judge()) as running:
         yield running
 
 

@@ -4,13 +4,13 @@ SIGKILL, the SFT snapshot through `datasets` and TRL's SFTTrainer, the SFT model
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from cai.store.models import (
 )
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli, table_counts
+from tests.test_judging import judge_args
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
 __all__ = ["smollm2_tokenizer_dir", "tiny_model_dir"]  # session fixtures
@@ -45,6 +46,10 @@ def start_sl_round(cli: Cli, policy: Path | str, *, sl: bool = True) -> int:
     cli("prompts", "import", REPO / "prompt_sets/helpful-harmless.jsonl")
     args = ["round", "start", "-c", "helpful-harmless@1", "--policy", policy]
     return int(cli(*args, *(["--sl"] if sl else [])).stdout)
+
+
+def sft_export(round_id: int, out: Path, *extra: object) -> list[object]:
+    return ["export", "--round", round_id, "--kind", "sft", "--out", out, *extra]
 
 
 def steps(engine: Engine, round_id: int) -> list[RevisionStepRow]:
@@ -206,20 +211,7 @@ def test_sft_snapshot_trains_with_sfttrainer_and_the_policy_names_its_round(
     round_id = start_sl_round(cli, tiny_model_dir)
     cli("revise", "--round", round_id, "--limit", 6, "--revisions", 2, *TINY)
     snapshot = tmp_path / "sft"
-    exported = json.loads(
-        cli(
-            "export",
-            "--round",
-            round_id,
-            "--kind",
-            "sft",
-            "--out",
-            snapshot,
-            "--eval-fraction",
-            0.3,
-            "--json",
-        ).stdout
-    )
+    exported = json.loads(cli(*sft_export(round_id, snapshot, "--eval-fraction", 0.3, "--json")).stdout)
     assert exported["format"] == "cai-sft-snapshot/1"
     assert exported["revisers"] == [
         {"model": str(tiny_model_dir), "template_sha256": steps(engine, round_id)[0].template_sha256}
@@ -269,13 +261,10 @@ def test_sft_snapshot_trains_with_sfttrainer_and_the_policy_names_its_round(
     assert table_counts(engine) == before
 
 
-_draws = itertools.count()
-
-
-def sl_policy(request: dict[str, Any]) -> str:
+def sl_policy(request: dict[str, Any], draws: Iterator[int]) -> str:
     """A policy on the loopback server that critiques and revises when asked (each call new text)."""
     last = fake.prompt_text(request)
-    draw = request.get("seed", 0) + next(_draws)  # each choice of an n > 1 request is a new draw
+    draw = request.get("seed", 0) + next(draws)  # each choice of an n > 1 request is a new draw
     if last.startswith("Critique request"):
         return f"The answer could be kinder. (critique {draw})"
     if last.startswith("Revision request"):
@@ -289,7 +278,7 @@ def test_loop_sl_first_runs_the_supervised_round_then_rl_rounds_from_its_model(
     cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = start_sl_round(cli, tiny_model_dir, sl=False)
-    with fake.FakeOpenAI(sl_policy) as server:
+    with fake.FakeOpenAI(fake.with_draws(sl_policy)) as server:
         args = [
             "loop", "--rounds", 1, "--sl-first", "--limit", 6, "--eval-limit", 4, "--revisions", 1,
             "--backend", "openai", "--base-url", server.base_url,
@@ -351,17 +340,7 @@ def test_one_prompt_chain_end_to_end_on_the_embedded_model(cli: Cli, engine: Eng
     assert stats["answered"] == 1 and step.status in ("done", "failed")
     assert step.critique and step.critique.strip()  # the model wrote a critique of its own answer
     if step.status == "done":
-        export = [
-            "export",
-            "--round",
-            round_id,
-            "--kind",
-            "sft",
-            "--out",
-            tmp_path / "s",
-            "--eval-fraction",
-            0,
-        ]
+        export = sft_export(round_id, tmp_path / "s", "--eval-fraction", 0)
         exported = json.loads(cli(*export, "--json").stdout)
         assert exported["counts"]["train"] == 1
 
@@ -370,20 +349,12 @@ def test_the_judge_confirms_revisions_and_the_sft_export_keeps_those_it_preferre
     cli: Cli, engine: Engine, tmp_path: Path
 ) -> None:
     round_id = start_sl_round(cli, "fake/policy")
-    with fake.FakeOpenAI(sl_policy) as server:
+    with fake.FakeOpenAI(fake.with_draws(sl_policy)) as server:
         sampling = ["--backend", "openai", "--base-url", server.base_url]
         cli("revise", "--round", round_id, "--limit", 8, "--revisions", 1, *sampling)
         export = ["export", "--round", round_id, "--kind", "sft", "--judge-agrees", "--eval-fraction", 0]
         assert "no chain of round" in cli(*export, "--out", tmp_path / "early", expect=2).stderr
-        judge = [
-            "judge",
-            "--round",
-            round_id,
-            "--judge-base-url",
-            server.base_url,
-            "--judge-model",
-            "fake-judge",
-        ]
+        judge = judge_args(server, round_id)
         assert "judged pairwise" in cli(*judge, "--mode", "score", expect=2).stderr
         summary = json.loads(cli(*judge, "--json").stdout)
     with session_scope(engine) as session:
@@ -457,7 +428,7 @@ def test_a_reviser_server_that_keeps_failing_loses_and_duplicates_nothing(
             return fake.status(503)
         return None
 
-    with fake.FakeOpenAI(sl_policy, fault_for=fault) as server:
+    with fake.FakeOpenAI(fake.with_draws(sl_policy), fault_for=fault) as server:
         revise = ["revise", "--round", round_id, "--limit", 10, "--revisions", 2]
         revise += ["--backend", "openai", "--base-url", server.base_url]
         failed = cli(*revise, expect=1)
@@ -486,37 +457,11 @@ def test_a_reviser_server_that_keeps_failing_loses_and_duplicates_nothing(
 
 
 def test_trl_sft_cli_trains_on_an_sft_snapshot_as_is(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from cai.sft_export import SftFilters, write_sft_snapshot
-    from cai.store.chains import Chain, ChainStep
-    from cai.store.snapshots import RoundProvenance
-    from tests.test_train_multiprocess import run, weights_moved
+    from tests.test_dataset_card import write_sft
+    from tests.test_train_multiprocess import run, trl_command, weights_moved
 
-    chains = [
-        Chain(
-            prompt_id=i,
-            prompt_sha256=f"{i:064x}",
-            conversation=[{"role": "user", "content": f"Question {i}?"}],
-            first_answer=f"A first answer {i}.",
-            first_answer_id=10 * i,
-            steps=[ChainStep(1, "honesty", "It could be clearer.", f"A clearer answer {i}.", 10 * i + 1)],
-        )
-        for i in range(1, 9)
-    ]
-    provenance = RoundProvenance(1, {"name": "c", "version": 1, "sha256": "0" * 64}, {"name": "p"}, [])
-    write_sft_snapshot(tmp_path / "snap", chains, provenance, SftFilters(eval_fraction=0.3), [], {})
+    write_sft(tmp_path / "snap", [f"A clearer answer {i}." for i in range(1, 9)])  # eval fraction 0.3
     out = tmp_path / "trl-out"
-    trl_sft = [
-        str(Path(sys.executable).with_name("trl")), "sft",
-        "--dataset_name", str(tmp_path / "snap"),
-        "--dataset_test_split", "eval",  # an SFT snapshot's splits are train and eval too
-        "--model_name_or_path", str(tiny_model_dir),
-        "--output_dir", str(out),
-        "--learning_rate", "1e-3", "--max_steps", "1",
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--eval_strategy", "steps", "--eval_steps", "1",
-        "--max_length", "128", "--gradient_checkpointing", "false",
-        "--save_strategy", "no", "--use_cpu", "--bf16", "false", "--report_to", "none",
-    ]  # fmt: skip
-    done = run(trl_sft, tmp_path)
+    done = run(trl_command("sft", tmp_path / "snap", tiny_model_dir, out), tmp_path)
     assert "eval_loss" in done.stdout + done.stderr  # the eval split was found and scored
     assert weights_moved(tiny_model_dir, out)

@@ -78,6 +78,22 @@ def weights_moved(before_dir: Path, after_dir: Path) -> bool:
     return before.shape == after.shape and not torch.equal(before, after)
 
 
+def trl_command(verb: str, snapshot: Path, model: Path, out: Path) -> list[str]:
+    """TRL's own CLI (`trl dpo`, `trl sft`) on a cai snapshot directory as it is: one step on
+    the CPU, then the eval split scored (a snapshot's splits are train and eval)."""
+    return [
+        str(Path(sys.executable).with_name("trl")), verb,
+        "--dataset_name", str(snapshot), "--dataset_test_split", "eval",
+        "--model_name_or_path", str(model),
+        "--output_dir", str(out),
+        "--learning_rate", "1e-3", "--max_steps", "1",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--eval_strategy", "steps", "--eval_steps", "1",
+        "--max_length", "128", "--gradient_checkpointing", "false",
+        "--save_strategy", "no", "--use_cpu", "--bf16", "false", "--report_to", "none",
+    ]  # fmt: skip
+
+
 def test_accelerate_launch_trains_in_two_processes_and_records_the_run_once(
     cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -127,19 +143,7 @@ def test_trl_dpo_cli_trains_on_a_snapshot_directory_as_is(
 ) -> None:
     exported_round(cli, tiny_model_dir, tmp_path / "snap")
     out = tmp_path / "trl-out"
-    trl_dpo = [
-        str(Path(sys.executable).with_name("trl")), "dpo",
-        "--dataset_name", str(tmp_path / "snap"),
-        "--dataset_test_split", "eval",  # a snapshot's splits are train and eval
-        "--model_name_or_path", str(tiny_model_dir),
-        "--output_dir", str(out),
-        "--learning_rate", "1e-3", "--max_steps", "1",
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--eval_strategy", "steps", "--eval_steps", "1",
-        "--max_length", "128", "--gradient_checkpointing", "false",
-        "--save_strategy", "no", "--use_cpu", "--bf16", "false", "--report_to", "none",
-    ]  # fmt: skip
-    done = run(trl_dpo, tmp_path)
+    done = run(trl_command("dpo", tmp_path / "snap", tiny_model_dir, out), tmp_path)
     assert "eval_loss" in done.stdout + done.stderr  # the eval split was found and scored
     assert weights_moved(tiny_model_dir, out)  # trl dpo saved the trained model to --output_dir
 
