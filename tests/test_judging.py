@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -545,30 +545,25 @@ def _constitution() -> Any:
     return load_constitution(REPO / "constitutions/helpful-harmless/v1.yaml").constitution
 
 
-def fresh_every_mode() -> Callable[[dict[str, Any]], Any]:
+def every_mode(request: dict[str, Any], draws: Iterator[int]) -> str:
     """One server for all modes: scores favour GOOD, pairwise favours revisions, then GOOD."""
-    sample = fresh_policy_then_judge()
-
-    def respond(request: dict[str, Any]) -> str:
-        prompt = fake.prompt_text(request)
-        if "Revision request:" in prompt:
-            return fake.revise_responder(request)
-        if "<<<RESPONSE A " in prompt:
-            a, b = fake.fenced(prompt, "RESPONSE A") or "", fake.fenced(prompt, "RESPONSE B") or ""
-            if "[revised]" in a + b:
-                preferred = "A" if "[revised]" in a else "B"
-                return json.dumps({"rationale": "the revision is better", "preferred": preferred})
-            return fake.prefer_marker(GOOD)(request)
-        if "<<<RESPONSE " in prompt:
-            response = fake.fenced(prompt, "RESPONSE") or ""
-            return json.dumps({"rationale": "scored", "score": 9 if GOOD in response else 3})
-        return sample(request)
-
-    return respond
+    prompt = fake.prompt_text(request)
+    if "Revision request:" in prompt:
+        return fake.revise_responder(request)
+    if "<<<RESPONSE A " in prompt:
+        a, b = fake.fenced(prompt, "RESPONSE A") or "", fake.fenced(prompt, "RESPONSE B") or ""
+        if "[revised]" in a + b:
+            preferred = "A" if "[revised]" in a else "B"
+            return json.dumps({"rationale": "the revision is better", "preferred": preferred})
+        return fake.prefer_marker(GOOD)(request)
+    if "<<<RESPONSE " in prompt:
+        response = fake.fenced(prompt, "RESPONSE") or ""
+        return json.dumps({"rationale": "scored", "score": 9 if GOOD in response else 3})
+    return policy_then_judge(request, draws)
 
 
 def test_score_mode_labels_best_against_worst_and_drops_ties(cli: Cli, engine: Engine) -> None:
-    with fake.FakeOpenAI(fresh_every_mode()) as server:
+    with fake.FakeOpenAI(fake.with_draws(every_mode)) as server:
         round_id = start_round(cli, server, limit=12)
         summary = json.loads(cli(*judge_args(server, round_id, "--mode", "score"), "--json").stdout)
         requests = server.count
@@ -590,7 +585,7 @@ def test_score_mode_labels_best_against_worst_and_drops_ties(cli: Cli, engine: E
 
 
 def test_revise_mode_keeps_revisions_both_orders_prefer(cli: Cli, engine: Engine) -> None:
-    with fake.FakeOpenAI(fresh_every_mode()) as server:
+    with fake.FakeOpenAI(fake.with_draws(every_mode)) as server:
         round_id = start_round(cli, server, limit=5)
         summary = json.loads(cli(*judge_args(server, round_id, "--mode", "revise"), "--json").stdout)
         requests = server.count

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from cai.store.models import (
 )
 from tests import fake_openai as fake
 from tests.conftest import REPO, Cli, table_counts
-from tests.test_judging import fresh_policy_then_judge
+from tests.test_judging import fresh_policy_then_judge, policy_then_judge
 from tests.tiny_model import smollm2_tokenizer_dir, tiny_model_dir
 
 __all__ = ["smollm2_tokenizer_dir", "tiny_model_dir"]  # session fixtures
@@ -139,13 +140,12 @@ def test_loop_resumes_after_a_kill_at_each_step(
     db_url: str, cli: Cli, engine: Engine, tiny_model_dir: Path, tmp_path: Path, kill_at: str
 ) -> None:
     round_id = prepare(cli, tiny_model_dir)
-    respond = fresh_policy_then_judge()
 
-    def slow_enough(request: dict[str, Any]) -> str:
+    def slow_enough(request: dict[str, Any], draws: Iterator[int]) -> str:
         time.sleep(0.05)  # long enough to catch the round mid-step
-        return respond(request)
+        return policy_then_judge(request, draws)
 
-    with fake.FakeOpenAI(slow_enough) as server:
+    with fake.FakeOpenAI(fake.with_draws(slow_enough)) as server:
         args = [*loop_args(server, tmp_path, rounds=1), "--concurrency", 2, "--batch-size", 2]
         if kill_at == "exported":
             # 'exported' lasts milliseconds (train marks the round 'training' before loading

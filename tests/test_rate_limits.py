@@ -29,7 +29,6 @@ from tests.test_judging import fresh_policy_then_judge
 SLACK_S = 1.0
 """How much later than sent a request may be seen to arrive, relative to the others."""
 WINDOWS_S = (0.5, 1.0, 2.0)
-draws = itertools.count()
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +131,7 @@ def test_a_reply_longer_than_its_estimate_is_charged_to_the_next_request() -> No
 
 def test_the_sampler_keeps_its_rpm_from_one_batch_to_the_next() -> None:
     rpm = 300.0
-    with fake.FakeOpenAI(lambda request: f"answer {next(draws)}") as server:
+    with fake.FakeOpenAI(fake.with_draws(lambda request, draws: f"answer {next(draws)}")) as server:
         sampler = OpenAISampler(server.base_url, "fake/policy", concurrency=16, rpm=rpm)
         # Each `sample` call runs an event loop of its own, as `cai generate` makes one per batch:
         # a bucket that started afresh in each would let all 20 through at once.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ from cai.store import repo, training
 from cai.workspace import Workspace
 
 if TYPE_CHECKING:
-    from cai.train import TrainResult
+    from cai.train import OnLog, TrainResult
 
 
 def run_sft(
@@ -50,7 +49,7 @@ def run_sft(
     progress.note(f"SFT run {run_id}{' (resuming)' if resumed else ''}: {policy.name} on {snapshot_dir}")
     progress.task(f"round {round_id}: SFT")
 
-    def train(on_log: Callable[[int, dict[str, float]], None]) -> TrainResult:
+    def train(on_log: OnLog) -> TrainResult:
         # transformers' progress callback prints logs to stdout; keep stdout for --json.
         with contextlib.redirect_stdout(sys.stderr):
             return train_sft(snapshot_dir, policy_dir, output_dir, config, on_log, tracked)

@@ -27,7 +27,7 @@ from cai.workspace import Workspace
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from cai.train import TrainResult
+    from cai.train import OnLog, TrainResult
 
 
 def default_run_dir(round_id: int, artifacts: Path = Path(".")) -> Path:
@@ -115,7 +115,7 @@ def train_and_register(
     snapshot_sha256: str,
     settings_json: dict[str, Any],
     progress: Progress,
-    train: Callable[[Callable[[int, dict[str, float]], None]], TrainResult],
+    train: Callable[[OnLog], TrainResult],
 ) -> dict[str, Any]:
     """Run `train` (given the step recorder) as training run `run_id` of the round's `stage`,
     then register what it trained as the policy that follows `policy` (named for the `method`)
@@ -190,7 +190,7 @@ def tracked_run_of(
     )
 
 
-def step_recorder(ws: Workspace, run_id: int, progress: Progress) -> Callable[[int, dict[str, float]], None]:
+def step_recorder(ws: Workspace, run_id: int, progress: Progress) -> OnLog:
     """A training callback that stores each step's metrics, shows the loss, and stops the run at
     a step boundary when asked (its last checkpoint resumes)."""
 
